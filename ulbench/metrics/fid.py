@@ -1,0 +1,159 @@
+"""FID and KID: images -> Inception features -> statistics -> metric, with a statistics cache.
+
+Cache points follow style.md: statistics (and, when asked for, the features behind them) are cached under
+``$ULBENCH_CACHE/stats`` keyed by the source's identity and the protocol fingerprint (extractor, weights sha256,
+resize mode), so the same reference folder is never run through Inception twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ulbench import assets
+from ulbench.errors import UserError
+from ulbench.io import atomic_write
+from ulbench.metrics.images import ImageSource, prepare_batch, resolve_source
+from ulbench.metrics.inception import EXTRACTOR_NAME, FEATURE_DIM, InceptionFeatures
+from ulbench.metrics.stats import FeatureStats, Moments, bootstrap_frechet, frechet_distance
+
+EXTRACTOR_ID = f"torch-fidelity/{EXTRACTOR_NAME}/pool3-{FEATURE_DIM}"
+KID_SUBSETS = 100  # torch-fidelity defaults
+KID_SUBSET_SIZE = 1000
+
+
+@dataclass
+class SetStats:
+    """Statistics of one input set, its provenance, and its features when they were kept."""
+
+    moments: Moments
+    name: str
+    resolution: tuple[int, int] | None
+    features: torch.Tensor | None = None
+    stats_file_sha256: str | None = None
+
+
+def _is_stats_file(spec: object) -> bool:
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).endswith(".npz") or not Path(spec).is_file():
+        return False
+    try:
+        with np.load(spec, allow_pickle=False) as z:
+            return "mu" in z.files
+    except (OSError, ValueError):
+        return False
+
+
+class ImageEvaluator:
+    """Runs FID/KID/statistics for any image inputs under one protocol (weights, resize mode)."""
+
+    def __init__(self, inception_weights: str | os.PathLike | None = None, resize: str = "legacy",
+                 batch_size: int = 50, progress: bool = True, use_cache: bool = True, fast: bool = True):
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        self.resize = resize
+        self.batch_size = batch_size
+        self.progress = progress
+        self.use_cache = use_cache
+        self.net = InceptionFeatures(assets.converted_path(assets.INCEPTION, inception_weights), fast=fast)
+        prepare_batch([np.zeros((2, 2, 3), np.uint8)], resize)  # validate the mode before any long work
+
+    def protocol(self) -> dict:
+        return {"extractor": EXTRACTOR_ID, "weights_sha256": assets.INCEPTION.sha256, "resize": self.resize}
+
+    # images -> features
+    def features(self, source: ImageSource, keep_features: bool = False) -> FeatureStats:
+        stats = FeatureStats(FEATURE_DIM, keep_features=keep_features)
+        bar = tqdm(total=source.count, unit="img", desc=f"Inception {Path(source.name).name}",
+                   disable=not self.progress, leave=False)
+        for batch in source.batches(self.batch_size):
+            stats.update(self.net(prepare_batch(batch, self.resize)))
+            bar.update(len(batch))
+        bar.close()
+        if stats.n == 0:
+            raise UserError(f"{source.name}: no images")
+        return stats
+
+    # images -> statistics, through the cache
+    def set_stats(self, spec, keep_features: bool = False, limit: int | None = None) -> SetStats:
+        if _is_stats_file(spec):
+            if keep_features:
+                raise UserError(f"{spec}: a statistics file has no per-image features; KID and the bootstrap "
+                                "interval need images (a folder or an .npz of images) on this side.")
+            return SetStats(Moments.load_npz(spec), str(spec), None, stats_file_sha256=assets.sha256_file(Path(spec)))
+        source = resolve_source(spec, limit)
+        cache = self._cache_path(source)
+        if cache is not None and cache.is_file():
+            hit = _read_cache(cache, keep_features)
+            if hit is not None:
+                return SetStats(hit[0], source.name, source.resolution, hit[1])
+        fs = self.features(source, keep_features)
+        out = SetStats(fs.moments(), source.name, source.resolution, fs.features if keep_features else None)
+        if cache is not None:
+            _write_cache(cache, out)
+        return out
+
+    def _cache_path(self, source: ImageSource) -> Path | None:
+        if not self.use_cache or source.identity is None:
+            return None
+        key = hashlib.sha256(json.dumps([source.identity, self.protocol()], sort_keys=True).encode()).hexdigest()
+        return assets.cache_dir() / "stats" / f"{key[:32]}.npz"
+
+    def fingerprint(self, a: SetStats, b: SetStats) -> dict:
+        ref = b.name if b.stats_file_sha256 is None else f"{b.name} (sha256 {b.stats_file_sha256[:16]})"
+        fp = {**self.protocol(), "resolution": [a.resolution, b.resolution], "n": [a.moments.n, b.moments.n],
+              "inputs": [a.name, b.name], "reference": ref}
+        fp["id"] = hashlib.sha256(json.dumps({k: v for k, v in fp.items() if k != "inputs"}, sort_keys=True,
+                                             default=str).encode()).hexdigest()[:16]
+        return fp
+
+    # statistics -> metric
+    def fid(self, spec_a, spec_b, bootstrap: int = 0, seed: int = 0, limit: int | None = None) -> dict:
+        a = self.set_stats(spec_a, keep_features=bootstrap > 0, limit=limit)
+        b = self.set_stats(spec_b, limit=limit)
+        out = {"fid": frechet_distance(a.moments, b.moments), "n": a.moments.n, "fingerprint": self.fingerprint(a, b)}
+        if bootstrap > 0:
+            lo, hi, bias = bootstrap_frechet(a.features, b.moments, bootstrap, seed=seed)
+            out["fid_ci95"] = [lo, hi]
+            out["bootstrap_bias"] = bias
+            out["bootstrap_reps"] = bootstrap
+        return out
+
+    def kid(self, spec_a, spec_b, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
+            seed: int = 2020, limit: int | None = None) -> dict:
+        a = self.set_stats(spec_a, keep_features=True, limit=limit)
+        b = self.set_stats(spec_b, keep_features=True, limit=limit)
+        size = min(subset_size, a.moments.n, b.moments.n)
+        # torch-fidelity's own KID (polynomial kernel, degree 3, unbiased MMD over random subsets).
+        from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+        m = kid_features_to_metric(a.features, b.features, kid_subsets=subsets, kid_subset_size=size,
+                                   verbose=False, rng_seed=seed, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                   kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
+        fp = self.fingerprint(a, b) | {"kid_subsets": subsets, "kid_subset_size": size}
+        return {"kid_mean": m[KEY_METRIC_KID_MEAN], "kid_std": m[KEY_METRIC_KID_STD],
+                "n": a.moments.n, "fingerprint": fp}
+
+
+def _read_cache(path: Path, need_features: bool):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if need_features and "features" not in z.files:
+                return None
+            feats = torch.from_numpy(z["features"]) if "features" in z.files else None
+            return Moments(z["mu"], z["sigma"], int(z["n"])), feats
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache entry is recomputed
+
+
+def _write_cache(path: Path, s: SetStats) -> None:
+    arrays = {"mu": s.moments.mu, "sigma": s.moments.sigma, "n": np.asarray(s.moments.n)}
+    if s.features is not None:
+        arrays["features"] = s.features.numpy()
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)

@@ -1,0 +1,77 @@
+"""Fréchet Video Distance: I3D logits of uint8 clips -> float64 moments -> Fréchet distance (protocols.md, FVD).
+
+Clips -> ``preprocess_clips`` (bilinear to 224x224, [-1, 1]) -> ``I3D`` (400 Kinetics logits, the features) ->
+``FeatureStats`` / ``frechet_distance`` from ``ulbench.metrics.stats``, the same statistics code as FID.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ulbench.errors import UserError
+from ulbench.metrics.i3d import NUM_CLASSES, preprocess_clips
+from ulbench.metrics.stats import FeatureStats, Moments, frechet_distance
+from ulbench.metrics.video import ClipSet
+
+DEFAULT_BATCH_SIZE = 8  # clips per I3D forward; results do not depend on it beyond float tolerance
+
+# Clips: one uint8 (N, T, H, W, C) array/tensor, a list of (T, H, W, C) clips (frame sizes may differ), or a ClipSet.
+Clips = np.ndarray | torch.Tensor | Sequence[np.ndarray] | ClipSet
+
+
+def _as_clip_list(clips: Clips) -> Sequence[np.ndarray | torch.Tensor]:
+    """Normalize the accepted clip containers to an indexable sequence of (T, H, W, C) uint8 clips."""
+    if isinstance(clips, ClipSet):
+        clips = clips.clips
+    if isinstance(clips, (np.ndarray, torch.Tensor)) and clips.ndim != 5:
+        raise UserError(f"clips must be uint8 shaped (N, T, H, W, 3), got shape {tuple(clips.shape)}")
+    if len(clips) == 0:
+        raise UserError("no clips to embed: the clip set is empty")
+    return clips
+
+
+def _feature_batches(model: torch.nn.Module, clips: Clips, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+    """Yield float32 (B, 400) CPU logits per batch of clips; each clip is resized on its own (sizes may differ)."""
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    seq = _as_clip_list(clips)
+    device = next(model.parameters()).device
+    model.eval()
+    bar = tqdm(total=len(seq), desc="I3D features", unit="clip", disable=not progress)
+    with torch.inference_mode():
+        for lo in range(0, len(seq), batch_size):
+            batch = [preprocess_clips(torch.as_tensor(c)[None]) for c in seq[lo:lo + batch_size]]
+            x = torch.cat(batch).to(device)  # (B, 3, T, 224, 224) in [-1, 1]
+            logits = model(x)  # (B, 400)
+            bar.update(x.shape[0])
+            yield logits.float().cpu()
+    bar.close()
+
+
+def clip_features(model: torch.nn.Module, clips: Clips, batch_size: int = DEFAULT_BATCH_SIZE,
+                  progress: bool = True) -> torch.Tensor:
+    """I3D logits of every clip: float32 (N, 400) on the CPU (the FVD features)."""
+    feats = torch.cat(list(_feature_batches(model, clips, batch_size, progress)))
+    if feats.shape[1] != NUM_CLASSES:
+        raise ValueError(f"the model returned {feats.shape[1]} features per clip, expected {NUM_CLASSES}")
+    return feats
+
+
+def clip_moments(model: torch.nn.Module, clips: Clips, batch_size: int = DEFAULT_BATCH_SIZE,
+                 progress: bool = True) -> Moments:
+    """Float64 mean and covariance of the clips' I3D logits, streamed through ``FeatureStats``."""
+    stats = FeatureStats(dim=NUM_CLASSES)
+    for feats in _feature_batches(model, clips, batch_size, progress):
+        stats.update(feats)
+    return stats.moments()
+
+
+def fvd_from_clips(model: torch.nn.Module, clips_a: Clips | Moments, clips_b: Clips | Moments,
+                   batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> float:
+    """FVD between two clip sets; either side may be precomputed ``Moments`` (e.g. reference statistics)."""
+    a = clips_a if isinstance(clips_a, Moments) else clip_moments(model, clips_a, batch_size, progress)
+    b = clips_b if isinstance(clips_b, Moments) else clip_moments(model, clips_b, batch_size, progress)
+    return frechet_distance(a, b)

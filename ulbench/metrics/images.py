@@ -1,0 +1,206 @@
+"""Image inputs for FID/KID/PSNR: folders, ADM .npz arrays, tensors, generators and the bundled photos.
+
+Every source yields uint8 RGB images (protocols.md: generated images are quantized like saved PNGs before any
+metric). ``ImageSource.batches`` returns lists of (H, W, 3) uint8 arrays so that folders of mixed sizes work;
+``prepare_batch`` then applies the resize mode and returns what the Inception extractor takes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ulbench.errors import UserError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+RESIZE_MODES = ("legacy", "clean")  # torch-fidelity TF1 bilinear (= pytorch-fid / ADM), clean-fid PIL bicubic
+# RGB photos bundled in the scikit-image wheel (no run-time download); CC0 / public domain per skimage's README.
+BUNDLED_PHOTOS = (
+    "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+    "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+)
+PHOTO_CROP_SIZE = 128
+PHOTO_CROP_COUNT = 100
+
+
+def quantize_images(x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """Float images (N, C, H, W) in ``value_range`` -> uint8, rounded and clamped exactly like a saved PNG."""
+    lo, hi = value_range
+    return ((x.float() - lo) * (255.0 / (hi - lo))).round().clamp(0, 255).to(torch.uint8)
+
+
+def _as_hwc_list(batch: object, where: str) -> list[np.ndarray]:
+    """A batch of uint8 images (torch NCHW or numpy NHWC, or a list of HWC arrays) -> list of (H, W, 3)."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] not in (1, 3):
+            raise UserError(
+                f"{where}: expected a uint8 tensor (N, 3, H, W), got {batch.dtype} {tuple(batch.shape)}. "
+                "Quantize float samples first with ulbench.metrics.images.quantize_images(x, value_range)."
+            )
+        return [a for a in batch.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()]
+    arr = np.asarray(batch) if not isinstance(batch, list) else None
+    if arr is not None and (arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3)):
+        raise UserError(f"{where}: expected uint8 arrays (N, H, W, 3), got {arr.dtype} {arr.shape}")
+    items = list(arr) if arr is not None else batch
+    return [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in items]
+
+
+@dataclass
+class ImageSource:
+    """A named, countable stream of uint8 images. ``identity`` is a stable cache key (None: never cached)."""
+
+    name: str
+    count: int | None
+    _batches: object = field(repr=False)  # callable(batch_size) -> Iterator[list[np.ndarray]]
+    identity: str | None = None
+    resolution: tuple[int, int] | None = None  # (H, W) if known and uniform
+
+    def batches(self, batch_size: int) -> Iterator[list[np.ndarray]]:
+        return self._batches(batch_size)
+
+
+def _decode(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
+
+
+def list_images(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise UserError(f"{folder}: no images found (looked recursively for {', '.join(IMAGE_EXTS)}).")
+    return files
+
+
+def folder_source(folder: Path, limit: int | None = None) -> ImageSource:
+    files = list_images(folder)[:limit]
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+
+    def batches(batch_size: int) -> Iterator[list[np.ndarray]]:
+        for i in range(0, len(files), batch_size):
+            yield [_decode(p) for p in files[i: i + batch_size]]
+
+    with Image.open(files[0]) as im:
+        res = (im.height, im.width)
+    return ImageSource(str(folder), len(files), batches, identity=f"folder:{folder.resolve()}:{h.hexdigest()}",
+                       resolution=res)
+
+
+def load_npz_images(path: Path) -> np.ndarray:
+    """ADM sample batch layout: ``arr_0`` uint8 (N, H, W, 3)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "arr_0" not in z:
+                raise UserError(f"{path}: no 'arr_0' array (ADM sample layout, uint8 NHWC); found {sorted(z.files)}")
+            arr = z["arr_0"]
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read .npz ({e})") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise UserError(f"{path}: 'arr_0' must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+    if len(arr) == 0:
+        raise UserError(f"{path}: 'arr_0' holds no images")
+    return arr
+
+
+def array_source(arr: np.ndarray | torch.Tensor, name: str = "array", identity: str | None = None) -> ImageSource:
+    items = _as_hwc_list(arr, name)
+
+    def batches(batch_size: int) -> Iterator[list[np.ndarray]]:
+        for i in range(0, len(items), batch_size):
+            yield items[i: i + batch_size]
+
+    return ImageSource(name, len(items), batches, identity=identity, resolution=items[0].shape[:2])
+
+
+def iterable_source(batches_iter: Iterable, name: str = "generator", count: int | None = None) -> ImageSource:
+    """Samples produced on the fly: each item a uint8 batch. Consumed once; re-batched to ``batch_size``."""
+
+    def batches(batch_size: int) -> Iterator[list[np.ndarray]]:
+        pending: list[np.ndarray] = []
+        for b in batches_iter:
+            pending.extend(_as_hwc_list(b, name))
+            while len(pending) >= batch_size:
+                yield pending[:batch_size]
+                pending = pending[batch_size:]
+        if pending:
+            yield pending
+
+    return ImageSource(name, count, batches)
+
+
+def photo_crops(seed: int, n: int = PHOTO_CROP_COUNT, size: int = PHOTO_CROP_SIZE) -> np.ndarray:
+    """``n`` random ``size`` x ``size`` crops of the bundled scikit-image photos, deterministic in ``seed``."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    photos = [_decode(folder / name) for name in BUNDLED_PHOTOS]
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        img = photos[rng.integers(len(photos))]
+        y = rng.integers(0, img.shape[0] - size + 1)
+        x = rng.integers(0, img.shape[1] - size + 1)
+        out[i] = img[y: y + size, x: x + size]
+    return out
+
+
+def resolve_source(spec: str | os.PathLike | np.ndarray | torch.Tensor | Iterable, limit: int | None = None) -> ImageSource:
+    """Folder path, ADM .npz of images, ``photos:SEED`` (bundled real photo crops), tensor/array or iterable."""
+    if isinstance(spec, (np.ndarray, torch.Tensor)):
+        return array_source(spec[:limit] if limit else spec)
+    if not isinstance(spec, (str, os.PathLike)):
+        return iterable_source(spec)
+    s = str(spec)
+    if s.startswith("photos:"):
+        try:
+            seed = int(s.split(":", 1)[1])
+        except ValueError:
+            raise UserError(f"'{s}': expected photos:SEED with an integer seed, e.g. photos:0") from None
+        return array_source(photo_crops(seed, n=limit or PHOTO_CROP_COUNT), name=s, identity=f"{s}:{limit}")
+    path = Path(s).expanduser()
+    if path.is_dir():
+        return folder_source(path, limit)
+    if path.suffix == ".npz" and path.is_file():
+        arr = load_npz_images(path)[:limit]
+        st = path.stat()
+        return array_source(arr, name=s, identity=f"npz:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{limit}")
+    if not path.exists():
+        raise UserError(f"'{s}': no such folder or file. Give an image folder, an .npz (arr_0 uint8 NHWC), "
+                        "a statistics .npz (mu, sigma) or photos:SEED.")
+    raise UserError(f"'{s}': not an image folder or .npz file.")
+
+
+def prepare_batch(images: list[np.ndarray], mode: str) -> torch.Tensor:
+    """uint8 HWC images -> Inception input: uint8 NCHW (legacy; resized inside the extractor) or float 299 (clean).
+
+    Mixed sizes in legacy mode are resized one image at a time with the same TF1 bilinear resize, so each image's
+    features are exactly those it would get alone.
+    """
+    if mode == "clean":
+        from cleanfid.resize import build_resizer  # clean-fid's own PIL-bicubic float resize, per channel
+
+        resize = build_resizer("clean")
+        return torch.from_numpy(np.stack([resize(a) for a in images])).permute(0, 3, 1, 2).contiguous()
+    if mode != "legacy":
+        raise UserError(f"resize mode '{mode}' unknown; choose one of {RESIZE_MODES}")
+    if len({a.shape for a in images}) == 1:
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from ulbench.metrics.inception import INPUT_SIZE
+
+    out = [interpolate_bilinear_2d_like_tensorflow1x(torch.from_numpy(a).permute(2, 0, 1)[None].float(),
+                                                     size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
+           for a in images]
+    return torch.cat(out)

@@ -1,0 +1,147 @@
+"""Features -> statistics -> Fréchet distance, shared by FID and FVD.
+
+Stages (named after what they map, as in torch-fidelity): ``FeatureStats`` accumulates a float64 mean and
+covariance from a stream of feature batches; ``frechet_distance`` maps two statistics to the metric. Reference
+statistics use the ADM / guided-diffusion ``.npz`` layout (``mu``, ``sigma``) so published references plug in.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ulbench.errors import UserError
+from ulbench.io import atomic_write
+
+
+class FeatureStats:
+    """Streaming float64 first and second moments of (N, D) feature batches; never holds all features."""
+
+    def __init__(self, dim: int | None = None, keep_features: bool = False):
+        self.dim = dim
+        self.n = 0
+        self._sum = None  # (D,) float64
+        self._sum_outer = None  # (D, D) float64
+        self.keep_features = keep_features
+        self._kept: list[torch.Tensor] = []
+
+    def update(self, features: torch.Tensor | np.ndarray) -> None:
+        x = torch.as_tensor(features).detach().to("cpu", torch.float64)  # (N, D)
+        if x.ndim != 2:
+            raise ValueError(f"features must be (N, D), got shape {tuple(x.shape)}")
+        if self._sum is None:
+            self.dim = self.dim or x.shape[1]
+            self._sum = torch.zeros(self.dim, dtype=torch.float64)
+            self._sum_outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"feature dimension changed from {self.dim} to {x.shape[1]}")
+        self.n += x.shape[0]
+        self._sum += x.sum(0)
+        self._sum_outer += x.T @ x
+        if self.keep_features:
+            self._kept.append(x.to(torch.float32))
+
+    @property
+    def features(self) -> torch.Tensor:
+        """All features seen (float32, (N, D)); only with ``keep_features=True`` (KID, bootstrap)."""
+        if not self.keep_features:
+            raise RuntimeError("features were not kept; construct FeatureStats(keep_features=True)")
+        return torch.cat(self._kept) if self._kept else torch.zeros(0, self.dim or 0)
+
+    def moments(self) -> "Moments":
+        if self.n < 2:
+            raise UserError(f"need at least 2 samples to estimate a covariance, got {self.n}")
+        mu = self._sum / self.n
+        # Unbiased covariance, the same estimator as np.cov(rowvar=False) used by torch-fidelity and ADM.
+        sigma = (self._sum_outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return Moments(mu=mu.numpy(), sigma=sigma.numpy(), n=self.n)
+
+
+@dataclass
+class Moments:
+    """Mean and covariance of a feature set (float64) and the number of samples behind them (0 if unknown)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int = 0
+
+    def save_npz(self, path: str | os.PathLike, **extra: object) -> None:
+        """Write the ADM layout (``mu``, ``sigma``) plus ``n`` and string metadata, atomically."""
+        meta = {k: np.asarray(str(v)) for k, v in extra.items()}
+        with atomic_write(path, "wb") as f:
+            np.savez(f, mu=self.mu, sigma=self.sigma, n=np.asarray(self.n), **meta)
+
+    @staticmethod
+    def load_npz(path: str | os.PathLike) -> "Moments":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "mu" not in z or "sigma" not in z:
+                    raise UserError(
+                        f"{path}: not a statistics file: expected arrays 'mu' and 'sigma' (ADM layout), "
+                        f"found {sorted(z.files)}. Write one with `ulbench eval stats FOLDER -o {path}`."
+                    )
+                mu = np.asarray(z["mu"], dtype=np.float64)
+                sigma = np.asarray(z["sigma"], dtype=np.float64)
+                n = int(z["n"]) if "n" in z else 0
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read statistics .npz ({e})") from None
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise UserError(f"{path}: 'mu' has shape {mu.shape} and 'sigma' {sigma.shape}; expected (D,) and (D, D)")
+        return Moments(mu=mu, sigma=sigma, n=n)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a PSD matrix from its eigendecomposition (negative round-off clipped to 0)."""
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, sqrt_sigma1: np.ndarray | None = None) -> float:
+    """tr((S1^1/2 S2 S1^1/2)^1/2) from the eigenvalues of a symmetric PSD product (no scipy.linalg.sqrtm)."""
+    s1h = _psd_sqrt(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
+    m = s1h @ sigma2 @ s1h
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def frechet_distance(a: Moments, b: Moments) -> float:
+    """|mu1-mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), in float64 (protocols.md, FID)."""
+    if a.mu.shape != b.mu.shape:
+        raise UserError(f"statistics have different feature dimensions: {a.mu.shape[0]} vs {b.mu.shape[0]}")
+    diff = a.mu.astype(np.float64) - b.mu.astype(np.float64)
+    s1, s2 = a.sigma.astype(np.float64), b.sigma.astype(np.float64)
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
+
+
+def bootstrap_frechet(
+    features: torch.Tensor, reference: Moments, reps: int, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Bootstrap interval of the Fréchet distance at this N, resampling the (N, D) ``features`` with replacement.
+
+    Resampling with replacement duplicates images, which by itself inflates FID (by tens of points at small N), so
+    the raw percentile interval can miss the point estimate altogether. We report the percentile interval shifted
+    by the bootstrap's estimate of that bias, ``b = mean(FID*) - FID``: ``[q_lo - b, q_hi - b]``. It measures the
+    sampling spread of FID at this N, not the distance to the infinite-N value. Returns (lo, hi, b).
+    The reference side is held fixed (usually a large precomputed set); its square root is computed once.
+    """
+    if reps < 2:
+        raise ValueError("bootstrap needs at least 2 repetitions")
+    x = features.to(torch.float64).numpy()
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    s_ref_half = _psd_sqrt(reference.sigma)
+    tr_ref = float(np.trace(reference.sigma))
+    point = frechet_distance(Moments(x.mean(0), np.cov(x, rowvar=False), n), reference)
+    values = np.empty(reps)
+    for r in range(reps):
+        xb = x[rng.integers(0, n, n)]
+        mu = xb.mean(0)
+        xc = xb - mu
+        sigma = xc.T @ xc / (n - 1)
+        diff = mu - reference.mu
+        values[r] = diff @ diff + np.trace(sigma) + tr_ref - 2 * trace_sqrt_product(reference.sigma, sigma, s_ref_half)
+    bias = float(values.mean() - point)
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo - bias), float(hi - bias), bias

@@ -1,0 +1,157 @@
+"""Video clips for FVD: read fixed-length uint8 clips from video files (decord) or from an ``.npz`` array.
+
+Clip sampling is part of the FVD protocol (protocols.md, FVD): ``frames`` frames, ``stride`` apart, starting at
+frame ``start``; a video yields up to ``clips_per_video`` consecutive, non-overlapping clips. Videos too short
+for one clip are skipped and counted, unreadable files are named in a warning and counted; only "no clip at
+all" is an error. Frames are RGB uint8, shaped (T, H, W, C) per clip.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ulbench.errors import UserError
+
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+DEFAULT_FRAMES = 16  # FVD clip length (protocols.md)
+CLIP_NDIM = 5  # (N, T, H, W, C)
+RGB_CHANNELS = 3
+UINT8_MAX = 255
+
+
+@dataclass
+class ClipSet:
+    """Clips read from videos, and what was left out.
+
+    ``clips`` is one uint8 array (N, T, H, W, C) when all clips share a frame size (always, when ``size`` was
+    given), else a list of (T, H, W, C) arrays: FVD resizes every frame to 224x224 anyway, so we do not add a
+    second resize just to stack them. ``sources`` gives (file, first frame) per clip.
+    """
+
+    clips: np.ndarray | list[np.ndarray]
+    sources: list[tuple[str, int]] = field(default_factory=list)
+    skipped_short: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    n_videos: int = 0
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+
+def _list_videos(root: Path, exts: tuple[str, ...]) -> list[Path]:
+    """Video files under ``root`` (recursively, sorted for a stable order), or ``root`` itself if it is a file."""
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise UserError(f"{root}: no such file or folder; pass a video file or a folder of videos")
+    exts = tuple(e.lower() for e in exts)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    if not files:
+        raise UserError(f"{root}: no video files found (looked for {', '.join(exts)}, recursively); "
+                        f"point at a folder holding videos, or convert them to .mp4")
+    return files
+
+
+def _resize_clip(clip: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(T, H, W, C) uint8 -> (T, size[0], size[1], C) uint8; torch bilinear, align_corners=False, no antialias."""
+    if clip.shape[1:3] == tuple(size):
+        return clip
+    x = torch.from_numpy(clip).permute(0, 3, 1, 2).float()  # (T, C, H, W)
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
+    return x.round().clamp(0, UINT8_MAX).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _read_file_clips(path: Path, frames: int, stride: int, start: int, clips_per_video: int) -> list[np.ndarray]:
+    """Decode up to ``clips_per_video`` clips from one file; [] if too short. Raises RuntimeError if unreadable."""
+    import decord  # imported lazily: only video reading needs it
+
+    if path.stat().st_size == 0:
+        raise RuntimeError("zero-byte file")
+    reader = decord.VideoReader(str(path))
+    n_frames = len(reader)
+    span = (frames - 1) * stride + 1  # frames one clip covers
+    out = []
+    for k in range(clips_per_video):
+        first = start + k * frames * stride  # consecutive, non-overlapping clips
+        if first + span > n_frames:
+            break
+        idx = list(range(first, first + span, stride))
+        out.append(reader.get_batch(idx).asnumpy())  # (T, H, W, C) uint8 RGB
+    return out
+
+
+def read_video_clips(
+    folder_or_file: str | os.PathLike,
+    frames: int = DEFAULT_FRAMES,
+    stride: int = 1,
+    start: int = 0,
+    clips_per_video: int = 1,
+    exts: tuple[str, ...] = VIDEO_EXTS,
+    size: tuple[int, int] | None = None,
+) -> ClipSet:
+    """Read clips of ``frames`` frames (every ``stride``-th, from frame ``start``) from a video file or folder.
+
+    A video shorter than ``start + (frames - 1) * stride + 1`` frames is listed in ``skipped_short``; one that
+    cannot be decoded (zero bytes, corrupt) is named in a warning and listed in ``unreadable``. ``size=(H, W)``
+    resizes every frame (bilinear, as ``preprocess_clips``) so that ``clips`` is always one array.
+    """
+    if frames < 1 or stride < 1 or start < 0 or clips_per_video < 1:
+        raise UserError(f"invalid clip sampling frames={frames}, stride={stride}, start={start}, "
+                        f"clips_per_video={clips_per_video}: frames, stride and clips_per_video must be >= 1, "
+                        f"start >= 0")
+    root = Path(folder_or_file)
+    files = _list_videos(root, exts)
+    result = ClipSet(clips=[], n_videos=len(files))
+    clips: list[np.ndarray] = []
+    for path in files:
+        try:
+            got = _read_file_clips(path, frames, stride, start, clips_per_video)
+        except (RuntimeError, OSError) as e:  # decord raises RuntimeError (DECORDError) on bad input
+            warnings.warn(f"{path}: unreadable video, skipped ({str(e).splitlines()[0][:200]})", stacklevel=2)
+            result.unreadable.append(str(path))
+            continue
+        if not got:
+            result.skipped_short.append(str(path))
+        for k, clip in enumerate(got):
+            clips.append(clip if size is None else _resize_clip(clip, size))
+            result.sources.append((str(path), start + k * frames * stride))
+    if not clips:
+        need = start + (frames - 1) * stride + 1
+        raise UserError(
+            f"{root}: no clip could be read: {len(files)} video file(s) found, {len(result.unreadable)} unreadable, "
+            f"{len(result.skipped_short)} shorter than the {need} frames one clip needs "
+            f"(start={start}, frames={frames}, stride={stride}). Use longer videos, a smaller start/stride/frames, "
+            f"or re-encode unreadable files (e.g. `ffmpeg -i in.mp4 -c:v libx264 out.mp4`)."
+        )
+    shapes = {c.shape for c in clips}
+    result.clips = np.stack(clips) if len(shapes) == 1 else clips
+    return result
+
+
+def load_clip_array(path: str | os.PathLike) -> np.ndarray:
+    """Read uint8 clips (N, T, H, W, 3) from an ``.npz`` (``arr_0``, as ``np.savez(path, clips)`` writes it)."""
+    fix = "save clips with `np.savez(path, clips)` where clips is uint8 RGB shaped (N, T, H, W, 3)"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path}: cannot read clip array ({e}); {fix}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: not an .npz archive; {fix}")
+    with archive:
+        if "arr_0" not in archive.files:
+            raise UserError(f"{path}: no array 'arr_0' (found {sorted(archive.files)}); {fix}")
+        try:
+            clips = archive["arr_0"]
+        except (OSError, ValueError) as e:  # e.g. an object array, refused without pickle
+            raise UserError(f"{path}: cannot read arr_0 ({e}); {fix}") from None
+    if clips.dtype != np.uint8:
+        raise UserError(f"{path}: arr_0 has dtype {clips.dtype}, expected uint8 (0..255); {fix}")
+    if clips.ndim != CLIP_NDIM or clips.shape[-1] != RGB_CHANNELS or 0 in clips.shape:
+        raise UserError(f"{path}: arr_0 has shape {clips.shape}, expected non-empty (N, T, H, W, 3); {fix}")
+    return clips
