@@ -75,3 +75,52 @@ def fvd_from_clips(model: torch.nn.Module, clips_a: Clips | Moments, clips_b: Cl
     a = clips_a if isinstance(clips_a, Moments) else clip_moments(model, clips_a, batch_size, progress)
     b = clips_b if isinstance(clips_b, Moments) else clip_moments(model, clips_b, batch_size, progress)
     return frechet_distance(a, b)
+
+
+class VideoEvaluator:
+    """FVD between clip sets given as video folders/files, .npz clip arrays or .npz statistics, under one protocol."""
+
+    def __init__(self, i3d_weights=None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
+                 frames: int = 16, stride: int = 1, start: int = 0, clips_per_video: int = 1):
+        from ulbench import assets
+        from ulbench.metrics.i3d import load_i3d
+
+        for name, value, least in (("frames", frames, 1), ("stride", stride, 1), ("start", start, 0),
+                                   ("clips-per-video", clips_per_video, 1), ("batch-size", batch_size, 1)):
+            if value < least:
+                raise UserError(f"--{name} must be >= {least}, got {value}")
+        self.model = load_i3d(assets.converted_path(assets.I3D, i3d_weights))
+        self.batch_size, self.progress = batch_size, progress
+        self.sampling = {"frames": frames, "stride": stride, "start": start, "clips_per_video": clips_per_video}
+
+    def protocol(self) -> dict:
+        from ulbench import assets
+
+        return {"extractor": "i3d-kinetics-400/logits-400", "weights_sha256": assets.I3D.sha256,
+                "resize": "bilinear-224 (align_corners=False, no antialias)", "scale": "[-1, 1]", **self.sampling}
+
+    def set_moments(self, spec) -> tuple[Moments, dict]:
+        """Moments of one input and what was read: a stats .npz, a clip .npz (arr_0) or a video folder/file."""
+        from pathlib import Path
+
+        from ulbench.metrics.video import load_clip_array, read_video_clips
+
+        path = Path(spec)
+        if path.suffix == ".npz" and path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                is_stats = "mu" in z.files
+            if is_stats:
+                return Moments.load_npz(path), {"input": str(path), "kind": "statistics"}
+            clips = load_clip_array(path)
+            return clip_moments(self.model, clips, self.batch_size, self.progress), {"input": str(path), "clips": len(clips)}
+        s = self.sampling
+        cs = read_video_clips(path, s["frames"], s["stride"], s["start"], s["clips_per_video"])
+        info = {"input": str(path), "clips": len(cs), "videos": cs.n_videos, "skipped_short": len(cs.skipped_short),
+                "unreadable": len(cs.unreadable)}
+        return clip_moments(self.model, cs, self.batch_size, self.progress), info
+
+    def fvd(self, spec_a, spec_b) -> dict:
+        a, info_a = self.set_moments(spec_a)
+        b, info_b = self.set_moments(spec_b)
+        fp = {**self.protocol(), "n": [a.n, b.n], "inputs": [info_a, info_b], "reference": str(spec_b)}
+        return {"fvd": frechet_distance(a, b), "n": a.n, "fingerprint": fp}

