@@ -200,7 +200,7 @@ def prepare_batch(images: list[np.ndarray], mode: str) -> torch.Tensor:
 
     from ulbench.metrics.inception import INPUT_SIZE
 
-    out = [interpolate_bilinear_2d_like_tensorflow1x(torch.from_numpy(a).permute(2, 0, 1)[None].float(),
+    out = [interpolate_bilinear_2d_like_tensorflow1x(torch.tensor(a).permute(2, 0, 1)[None].float(),
                                                      size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
            for a in images]
     return torch.cat(out)
