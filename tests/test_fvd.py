@@ -260,3 +260,15 @@ def test_load_clip_array(tmp_path):
     np.savez(tmp_path / "frames.npz", clips[0])
     with pytest.raises(UserError, match="shape"):
         load_clip_array(tmp_path / "frames.npz")
+
+
+def test_video_evaluator_against_its_own_reference_statistics(tmp_path):
+    from ulbench.metrics.fvd import VideoEvaluator
+
+    ev = VideoEvaluator(progress=False, frames=CLIP_FRAMES, stride=CLIP_STRIDE, clips_per_video=CLIPS_PER_VIDEO)
+    moments, info = ev.set_moments(CARPHONE)
+    assert info["clips"] == CLIPS_PER_VIDEO and info["unreadable"] == 0
+    moments.save_npz(tmp_path / "ref.npz")
+    r = ev.fvd(CARPHONE, tmp_path / "ref.npz")
+    assert abs(r["fvd"]) < SAME_SET_ATOL
+    assert r["fingerprint"]["inputs"][1]["kind"] == "statistics" and r["fingerprint"]["frames"] == CLIP_FRAMES

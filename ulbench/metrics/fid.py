@@ -21,7 +21,7 @@ from ulbench.errors import UserError
 from ulbench.io import atomic_write
 from ulbench.metrics.images import ImageSource, prepare_batch, resolve_source
 from ulbench.metrics.inception import EXTRACTOR_NAME, FEATURE_DIM, InceptionFeatures
-from ulbench.metrics.stats import FeatureStats, Moments, bootstrap_frechet, frechet_distance
+from ulbench.metrics.stats import FeatureStats, Moments, bootstrap_frechet, frechet_distance, is_stats_file
 
 EXTRACTOR_ID = f"torch-fidelity/{EXTRACTOR_NAME}/pool3-{FEATURE_DIM}"
 KID_SUBSETS = 100  # torch-fidelity defaults
@@ -37,16 +37,6 @@ class SetStats:
     resolution: tuple[int, int] | None
     features: torch.Tensor | None = None
     stats_file_sha256: str | None = None
-
-
-def _is_stats_file(spec: object) -> bool:
-    if not isinstance(spec, (str, os.PathLike)) or not str(spec).endswith(".npz") or not Path(spec).is_file():
-        return False
-    try:
-        with np.load(spec, allow_pickle=False) as z:
-            return "mu" in z.files
-    except (OSError, ValueError):
-        return False
 
 
 class ImageEvaluator:
@@ -81,7 +71,7 @@ class ImageEvaluator:
 
     # images -> statistics, through the cache
     def set_stats(self, spec, keep_features: bool = False, limit: int | None = None) -> SetStats:
-        if _is_stats_file(spec):
+        if is_stats_file(spec):
             if keep_features:
                 raise UserError(f"{spec}: a statistics file has no per-image features; KID and the bootstrap "
                                 "interval need images (a folder or an .npz of images) on this side.")

@@ -105,12 +105,12 @@ class VideoEvaluator:
 
         from ulbench.metrics.video import load_clip_array, read_video_clips
 
+        from ulbench.metrics.stats import is_stats_file
+
         path = Path(spec)
+        if is_stats_file(path):
+            return Moments.load_npz(path), {"input": str(path), "kind": "statistics"}
         if path.suffix == ".npz" and path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                is_stats = "mu" in z.files
-            if is_stats:
-                return Moments.load_npz(path), {"input": str(path), "kind": "statistics"}
             clips = load_clip_array(path)
             return clip_moments(self.model, clips, self.batch_size, self.progress), {"input": str(path), "clips": len(clips)}
         s = self.sampling

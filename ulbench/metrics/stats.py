@@ -92,6 +92,17 @@ class Moments:
         return Moments(mu=mu, sigma=sigma, n=n)
 
 
+def is_stats_file(spec: object) -> bool:
+    """True for an existing ``.npz`` holding ``mu`` (a statistics file rather than images or clips)."""
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).endswith(".npz") or not os.path.isfile(spec):
+        return False
+    try:
+        with np.load(spec, allow_pickle=False) as z:
+            return "mu" in z.files
+    except (OSError, ValueError):
+        return False
+
+
 def _clip_noise(w: np.ndarray) -> np.ndarray:
     """Eigenvalues of a PSD matrix with round-off removed: those below D * eps * max are set to 0.
 
