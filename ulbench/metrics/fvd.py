@@ -6,15 +6,17 @@ Clips -> ``preprocess_clips`` (bilinear to 224x224, [-1, 1]) -> ``I3D`` (400 Kin
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ulbench import assets
 from ulbench.errors import UserError
-from ulbench.metrics.i3d import NUM_CLASSES, preprocess_clips
-from ulbench.metrics.stats import FeatureStats, Moments, frechet_distance
-from ulbench.metrics.video import ClipSet
+from ulbench.metrics.i3d import NUM_CLASSES, load_i3d, preprocess_clips
+from ulbench.metrics.stats import FeatureStats, Moments, frechet_distance, is_stats_file
+from ulbench.metrics.video import ClipSet, load_clip_array, read_video_clips
 
 DEFAULT_BATCH_SIZE = 8  # clips per I3D forward; results do not depend on it beyond float tolerance
 
@@ -82,31 +84,17 @@ class VideoEvaluator:
 
     def __init__(self, i3d_weights=None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
                  frames: int = 16, stride: int = 1, start: int = 0, clips_per_video: int = 1):
-        from ulbench import assets
-        from ulbench.metrics.i3d import load_i3d
-
-        for name, value, least in (("frames", frames, 1), ("stride", stride, 1), ("start", start, 0),
-                                   ("clips-per-video", clips_per_video, 1), ("batch-size", batch_size, 1)):
-            if value < least:
-                raise UserError(f"--{name} must be >= {least}, got {value}")
+        # Sampling and batch size are validated where they are used (read_video_clips, _feature_batches).
         self.model = load_i3d(assets.converted_path(assets.I3D, i3d_weights))
         self.batch_size, self.progress = batch_size, progress
         self.sampling = {"frames": frames, "stride": stride, "start": start, "clips_per_video": clips_per_video}
 
     def protocol(self) -> dict:
-        from ulbench import assets
-
         return {"extractor": "i3d-kinetics-400/logits-400", "weights_sha256": assets.I3D.sha256,
                 "resize": "bilinear-224 (align_corners=False, no antialias)", "scale": "[-1, 1]", **self.sampling}
 
     def set_moments(self, spec) -> tuple[Moments, dict]:
         """Moments of one input and what was read: a stats .npz, a clip .npz (arr_0) or a video folder/file."""
-        from pathlib import Path
-
-        from ulbench.metrics.video import load_clip_array, read_video_clips
-
-        from ulbench.metrics.stats import is_stats_file
-
         path = Path(spec)
         if is_stats_file(path):
             return Moments.load_npz(path), {"input": str(path), "kind": "statistics"}
