@@ -1,0 +1,105 @@
+"""Typed configuration and named presets (ul-method.md section 4). Every [choice] is a field with its default."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    # 2x2 patching, then a ResNet with one stage per entry of `channels`, downsampling 2x between stages [paper]
+    patch: int = 2
+    channels: tuple[int, ...] = (128, 256, 512, 512)
+    blocks: tuple[int, ...] = (2, 2, 2, 3)
+    latent_channels: int = 32
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    width: int = 1024
+    depth: int = 8
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    # U-ViT (SiD2 family): 2x2 patching, conv stages, middle transformer at the latent's resolution [paper]
+    patch: int = 2
+    channels: tuple[int, ...] = (128, 256, 512)
+    blocks_per_stage: int = 2  # [choice]
+    middle: TransformerConfig = TransformerConfig(width=1024, depth=8, dropout=0.1)
+    z_injection: str = "both"  # [choice] "tokens" (projected onto middle tokens), "input" (upsampled concat), "both"
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    # 2-stage ViT on the latent, patch size 1 [paper]: stage 1 at full token resolution, stage 2 at 2x2-merged tokens
+    widths: tuple[int, int] = (512, 1024)
+    depths: tuple[int, int] = (6, 16)
+    heads: int = 16
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    lambda_z0: float = 5.0  # lambda_z(0): fixed encoder noise and the prior's/base model's maximum log-SNR [paper]
+    prior_lambda_min: float = -10.0  # [choice]
+    decoder_lambda_min: float = -15.0  # [choice]
+    decoder_lambda_max: float = 15.0  # [choice]
+    decoder_shift_ref: int = 64  # [choice] resolution shift 2 log(d_ref / d) for the pixel decoder (simple diffusion)
+    base_lambda_min: float = -10.0  # [choice]
+    c_lf: float = 1.5  # decoder loss factor [paper baseline]
+    sigmoid_bias: float = 0.0  # b of sigmoid(b - lambda) [choice]
+    base_sigmoid_bias: float = 0.0  # [choice]
+    label_dropout: float = 0.1  # for classifier-free guidance [choice]
+
+
+@dataclass(frozen=True)
+class ULConfig:
+    name: str
+    resolution: int
+    image_channels: int = 3
+    num_classes: int = 1000
+    encoder: EncoderConfig = EncoderConfig()
+    prior: TransformerConfig = TransformerConfig(width=1024, depth=8)
+    decoder: DecoderConfig = DecoderConfig()
+    base: BaseModelConfig = BaseModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+
+    @property
+    def latent_resolution(self) -> int:
+        return self.resolution // (self.encoder.patch * 2 ** (len(self.encoder.channels) - 1))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        r = self.latent_resolution
+        return (self.encoder.latent_channels, r, r)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, ULConfig] = {
+    # CPU-sized: 32x32 images -> 4x8x8 latent; trains in minutes on 2 cores. [choice]
+    "ul-tiny": ULConfig(
+        name="ul-tiny", resolution=32, num_classes=10,
+        encoder=EncoderConfig(channels=(32, 64), blocks=(1, 1), latent_channels=4),
+        prior=TransformerConfig(width=64, depth=2, heads=4),
+        decoder=DecoderConfig(channels=(64,), blocks_per_stage=2,
+                              middle=TransformerConfig(width=128, depth=2, heads=4, dropout=0.0)),
+        base=BaseModelConfig(widths=(64, 128), depths=(2, 2), heads=4, dropout=0.0),
+        diffusion=DiffusionConfig(decoder_shift_ref=32),
+    ),
+    # The paper's ImageNet-512 shapes (section 4 table): 32x32x32 latent. [paper]
+    "ul-small": ULConfig(name="ul-small", resolution=512),
+    # Same autoencoder, larger base model. The paper does not print the medium widths: [choice] 1.5x width, 24 blocks.
+    "ul-medium": ULConfig(name="ul-medium", resolution=512,
+                          base=BaseModelConfig(widths=(768, 1536), depths=(6, 24), heads=16)),
+}
+
+
+def get_preset(name: str, **overrides) -> ULConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset '{name}'; available: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides) if overrides else PRESETS[name]

@@ -1,0 +1,111 @@
+"""Unified Latents: the three stage-1 networks, the stage-2 base model, and the losses and generation that tie them.
+
+Stage 1 (section 2): ``L = L_z + L_x`` with ``z_0 = alpha_0 E(x) + sigma_0 eps`` feeding the decoder and the prior
+regressing ``z_clean``; all three networks train together. Stage 2 (section 3): a base model on frozen latents with
+sigmoid weighting. Generation (Alg. 2): base model -> final clean prediction ``z_hat`` -> decoder -> image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ul_model import losses
+from ul_model.config import ULConfig
+from ul_model.networks import BaseModel, Decoder, Encoder, LatentViT
+from ul_model.sampling import SampleNoise, guided, sample
+from ul_model.schedules import LogSNRSchedule, resolution_shift
+
+
+@dataclass
+class Stage1Terms:
+    """Per-sample stage-1 terms in nats (VDM style: logged separately, reduced once outside)."""
+
+    prior_diffusion: torch.Tensor
+    prior_kl: torch.Tensor
+    decoder: torch.Tensor
+    bits_per_pixel: torch.Tensor
+
+    @property
+    def l_z(self) -> torch.Tensor:
+        return self.prior_diffusion + self.prior_kl
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.l_z + self.decoder
+
+
+def drop_labels(labels: torch.Tensor | None, p: float, num_classes: int) -> torch.Tensor | None:
+    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+    if labels is None or p <= 0:
+        return labels
+    drop = torch.rand(labels.shape, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, num_classes), labels)
+
+
+class UnifiedLatents(nn.Module):
+    def __init__(self, cfg: ULConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.diffusion
+        self.encoder = Encoder(cfg.encoder, cfg.image_channels)
+        self.prior = LatentViT(cfg.prior, cfg.latent_shape)  # unconditional: the rate is that of the latent alone
+        self.decoder = Decoder(cfg.decoder, cfg.resolution, cfg.latent_shape, cfg.image_channels)
+        self.base = BaseModel(cfg.base, cfg.latent_shape, cfg.num_classes)
+        self.prior_schedule = LogSNRSchedule(d.prior_lambda_min, d.lambda_z0)
+        shift = resolution_shift(cfg.resolution, d.decoder_shift_ref)
+        self.decoder_schedule = LogSNRSchedule(d.decoder_lambda_min, d.decoder_lambda_max, shift)
+        self.base_schedule = LogSNRSchedule(d.base_lambda_min, d.lambda_z0)
+
+    def encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z_clean = self.encoder(x)
+        return z_clean, losses.encode_z0(z_clean, self.cfg.diffusion.lambda_z0, eps)
+
+    def stage1_terms(self, x: torch.Tensor) -> Stage1Terms:
+        d = self.cfg.diffusion
+        z_clean, z0 = self.encode(x)
+        prior = losses.prior_loss(z_clean, lambda z_t, lam: self.prior(z_t, lam), self.prior_schedule)
+        dec = losses.decoder_loss(x, lambda x_t, lam: self.decoder(x_t, lam, z0), self.decoder_schedule,
+                                  c_lf=d.c_lf, b=d.sigmoid_bias)
+        bpp = losses.bits_per_pixel(prior.total, self.cfg.resolution, self.cfg.resolution)
+        return Stage1Terms(prior.diffusion, prior.endpoint_kl, dec, bpp.detach())
+
+    def base_terms(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        d = self.cfg.diffusion
+        labels = drop_labels(labels, d.label_dropout if self.training else 0.0, self.cfg.num_classes)
+        return losses.base_loss(z, lambda z_t, lam: self.base(z_t, lam, labels), self.base_schedule,
+                                b=d.base_sigmoid_bias)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, seeds, steps: int, method: str = "ancestral") -> torch.Tensor:
+        """Decoder diffusion conditioned on z (a z_0 or a base-model z_hat) -> images in [-1, 1]."""
+        noise = SampleNoise(seeds, (self.cfg.image_channels, self.cfg.resolution, self.cfg.resolution),
+                            z.dtype, z.device)
+        return sample(lambda x_t, lam: self.decoder(x_t, lam, z), self.decoder_schedule, steps, noise, method,
+                      clip_x=1.0)
+
+    @torch.no_grad()
+    def generate(self, seeds, labels: torch.Tensor | None, steps: int = 250, decoder_steps: int = 250,
+                 guidance: float = 1.0, interval: tuple[float, float] | None = None,
+                 method: str = "ancestral") -> torch.Tensor:
+        """Alg. 2: z_1 ~ N(0, I) -> base model down to lambda 5 -> z_hat -> decoder -> image in [-1, 1]."""
+        device = next(self.parameters()).device
+        latent_seeds = [s + 2**31 for s in seeds]  # latent and pixel noise come from different per-sample streams
+        noise = SampleNoise(latent_seeds, self.cfg.latent_shape, torch.float32, device)
+        z_hat = sample(guided(self.base, labels, guidance, interval), self.base_schedule, steps, noise, method)
+        return self.decode(z_hat, seeds, decoder_steps, method)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, seeds, steps: int = 250, method: str = "ancestral") -> torch.Tensor:
+        """encode -> z_0 (fixed noise from the seeds) -> decoder."""
+        eps = SampleNoise([s + 2**31 for s in seeds], self.cfg.latent_shape, x.dtype, x.device).draw()
+        _, z0 = self.encode(x, eps)
+        return self.decode(z0, seeds, steps, method)
+
+
+def bits_ceiling_per_pixel(cfg: ULConfig) -> float:
+    """0.5 log2(1 + e^lambda_z0) bits per latent dim, times latent dims per pixel (section 2.7)."""
+    c, h, w = cfg.latent_shape
+    return 0.5 * math.log2(1 + math.exp(cfg.diffusion.lambda_z0)) * c * h * w / cfg.resolution**2
