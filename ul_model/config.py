@@ -1,7 +1,7 @@
 """Typed configuration and named presets (ul-method.md section 4). Every [choice] is a field with its default."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
