@@ -78,6 +78,23 @@ class UnifiedLatents(nn.Module):
         return losses.base_loss(z, lambda z_t, lam: self.base(z_t, lam, labels), self.base_schedule,
                                 b=d.base_sigmoid_bias)
 
+    def set_stage(self, stage: int) -> "UnifiedLatents":
+        """Freeze what the stage does not train: stage 1 trains encoder, prior and decoder; stage 2 the base."""
+        for name in ("encoder", "prior", "decoder"):
+            getattr(self, name).requires_grad_(stage == 1)
+        self.base.requires_grad_(stage == 2)
+        self.stage = stage
+        return self
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training step terms for the current stage (images for stage 1, cached latents for stage 2)."""
+        if getattr(self, "stage", 1) == 1:
+            t = self.stage1_terms(x)
+            return {"loss": t.total, "prior_diffusion": t.prior_diffusion, "prior_kl": t.prior_kl,
+                    "decoder": t.decoder, "l_z": t.l_z, "bits_per_pixel": t.bits_per_pixel}
+        loss = self.base_terms(x, labels)
+        return {"loss": loss, "base": loss}
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor, seeds, steps: int, method: str = "ancestral") -> torch.Tensor:
         """Decoder diffusion conditioned on z (a z_0 or a base-model z_hat) -> images in [-1, 1]."""

@@ -102,6 +102,17 @@ EXAMPLES = {
     "fetch": """examples:
   ulbench assets fetch            # both networks' weights into $ULBENCH_CACHE (default ~/.cache/ulbench)
   ulbench assets fetch inception""",
+    "stage1": """examples:
+  ulbench train stage1 --preset ul-tiny --data photos --out runs/ul1 --steps 400 --lr 1e-3
+  ulbench train stage1 --preset ul-tiny --data fashion-mnist --out runs/fm1 --steps 5000 --resume
+  torchrun --nproc-per-node 8 -m ulbench.cli train stage1 --preset ul-small --data /data/imagenet/train --out runs/s1""",
+    "stage2": """examples:
+  ulbench train stage2 --stage1 runs/ul1 --out runs/ul2 --steps 400 --lr 1e-3   # data defaults to stage 1's""",
+    "sample": """examples:
+  ulbench sample --run runs/ul2 --n 64 --out samples/ --steps 100 --decoder-steps 100
+  ulbench sample --run runs/fm2 --n 100 --label 3 --guidance 2.0 --out samples_cls3/""",
+    "reconstruct": """examples:
+  ulbench reconstruct --run runs/ul1 --n 32 --out recon/ && ulbench eval psnr recon/originals recon/reconstructions""",
     "features": """examples:
   ulbench bench features photos:0 --n 200
   ulbench bench features my_images/ --n 500 --json""",
@@ -168,6 +179,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="all", choices=("all", "inception", "i3d"))
     p.add_argument("--force", action="store_true", help="download again even if the cache is valid")
     p.set_defaults(func=cmd_assets_fetch)
+
+    from ulbench import train_cli as tc
+
+    tsub = sub.add_parser("train", help="train UL: stage1, stage2").add_subparsers(dest="stage", required=True)
+    p = _sub(tsub, "stage1", "Stage 1: encoder, prior and decoder trained jointly")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--data", required=True, help="fashion-mnist, photos, or an image folder (ImageFolder layout)")
+    p.add_argument("--out", required=True)
+    tc.add_train_args(p)
+    p.set_defaults(func=tc.cmd_train_stage1)
+    p = _sub(tsub, "stage2", "Stage 2: base model on the frozen stage-1 encoder's cached latents")
+    p.add_argument("--stage1", required=True)
+    p.add_argument("--preset", default=None, help="take the base model's shape from this preset")
+    p.add_argument("--data", default=None)
+    p.add_argument("--out", required=True)
+    tc.add_train_args(p)
+    p.set_defaults(func=tc.cmd_train_stage2)
+    for name, helptext in (("sample", "Generate images from a stage-2 run (PNG files)"),
+                           ("reconstruct", "Encode -> z_0 -> decode dataset images with a stage-1 run (PNG files)")):
+        p = _sub(sub, name, helptext)
+        p.add_argument("--run", required=True)
+        p.add_argument("--n", type=int, default=16)
+        p.add_argument("--out", required=True)
+        p.add_argument("--steps", type=int, default=100)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+        if name == "sample":
+            p.add_argument("--decoder-steps", type=int, default=100)
+            p.add_argument("--guidance", type=float, default=1.0)
+            p.add_argument("--label", type=int, default=None)
+            p.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral")
+            p.set_defaults(func=tc.cmd_sample)
+        else:
+            p.add_argument("--data", default=None, help="defaults to the run's training data")
+            p.set_defaults(func=tc.cmd_reconstruct)
+    lsub = sub.add_parser("ls", help="list presets").add_subparsers(dest="what", required=True)
+    p = _sub(lsub, "presets", "UL presets with parameter counts")
+    p.set_defaults(func=tc.cmd_ls_presets)
 
     bsub = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     p = _sub(bsub, "features", "Time our FID feature pipeline against torch-fidelity's calculate_metrics")

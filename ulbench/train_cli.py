@@ -1,0 +1,145 @@
+"""`ulbench train stage1|stage2`, `sample`, `reconstruct`, `ls presets`: thin wrappers over ul_model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ulbench.errors import UserError
+
+SAMPLE_BATCH = 16
+
+
+def _train_config(args):
+    from ul_model.train import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                       log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                       ema_decay=args.ema, precision=args.precision, compile=args.compile)
+
+
+def _preset(name: str):
+    from ul_model.config import PRESETS
+
+    if name not in PRESETS:
+        raise UserError(f"--preset '{name}' unknown; available: {', '.join(PRESETS)} (see `ulbench ls presets`)")
+    return PRESETS[name]
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    if (out / "latest.json").exists() and not resume:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def cmd_train_stage1(args) -> None:
+    from ul_model.stages import train_stage1
+    from ulbench.data import load_dataset
+
+    cfg = _preset(args.preset)
+    ds = load_dataset(args.data, cfg.resolution)
+    _check_out(Path(args.out), args.resume)
+    if ds.num_classes > cfg.num_classes:
+        raise UserError(f"{args.data} has {ds.num_classes} classes but preset {cfg.name} embeds {cfg.num_classes}")
+    log = train_stage1(cfg, ds.images, ds.labels, _train_config(args), args.out, resume=args.resume,
+                       device=args.device, data_name=args.data)
+    print(json.dumps(log[-1] if log else {"step": "already finished"}))
+
+
+def cmd_train_stage2(args) -> None:
+    from ul_model.stages import load_run, train_stage2
+    from ulbench.data import load_dataset
+
+    try:
+        _, meta = load_run(args.stage1)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    data = args.data or meta.get("data")
+    base = _preset(args.preset).base if args.preset else None
+    ds = load_dataset(data, meta["model"]["resolution"])
+    _check_out(Path(args.out), args.resume)
+    log = train_stage2(args.stage1, ds.images, ds.labels, _train_config(args), args.out, base=base,
+                       resume=args.resume, device=args.device, data_name=data)
+    print(json.dumps(log[-1] if log else {"step": "already finished"}))
+
+
+def _save_pngs(images: torch.Tensor, out: Path, start: int) -> None:
+    from PIL import Image
+
+    from ulbench.metrics.images import quantize_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(quantize_images(images).permute(0, 2, 3, 1).cpu().numpy()):
+        Image.fromarray(a).save(out / f"{start + i:06d}.png")
+
+
+def _load(run: str, device: str):
+    from ul_model.stages import load_run
+
+    try:
+        model, meta = load_run(run)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    return model.to(device), meta
+
+
+def cmd_sample(args) -> None:
+    from tqdm.auto import tqdm
+
+    model, meta = _load(args.run, args.device)
+    if meta["stage"] != 2:
+        raise UserError(f"{args.run} is a stage-{meta['stage']} run; sampling needs a stage-2 run (base model)")
+    out = Path(args.out)
+    for lo in tqdm(range(0, args.n, SAMPLE_BATCH), desc="sample", unit="batch"):
+        seeds = [args.seed + i for i in range(lo, min(lo + SAMPLE_BATCH, args.n))]
+        labels = None
+        if args.label is not None:
+            labels = torch.full((len(seeds),), args.label, dtype=torch.long, device=args.device)
+        x = model.generate(seeds, labels, steps=args.steps, decoder_steps=args.decoder_steps,
+                           guidance=args.guidance, method=args.sampler)
+        _save_pngs(x, out, lo)
+    print(json.dumps({"n": args.n, "out": str(out)}))
+
+
+def cmd_reconstruct(args) -> None:
+    from ulbench.data import load_dataset
+
+    model, meta = _load(args.run, args.device)
+    ds = load_dataset(args.data or meta.get("data"), model.cfg.resolution)
+    out = Path(args.out)
+    for lo in range(0, args.n, SAMPLE_BATCH):
+        x = ds.images[lo: min(lo + SAMPLE_BATCH, args.n)].to(args.device)
+        r = model.reconstruct(x, [args.seed + i for i in range(lo, lo + len(x))], steps=args.steps)
+        _save_pngs(x, out / "originals", lo)
+        _save_pngs(r, out / "reconstructions", lo)
+    print(json.dumps({"n": args.n, "originals": str(out / "originals"), "reconstructions": str(out / "reconstructions")}))
+
+
+def cmd_ls_presets(args) -> None:
+    from ul_model.config import PRESETS
+    from ul_model.model import UnifiedLatents
+
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            m = UnifiedLatents(cfg)
+        counts = {k: sum(p.numel() for p in getattr(m, k).parameters()) for k in ("encoder", "prior", "decoder", "base")}
+        parts = "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+        print(f"{name:10s} {cfg.resolution}px latent {'x'.join(map(str, cfg.latent_shape))}  {parts}  "
+              f"total {sum(counts.values()) / 1e6:.2f}M")
+
+
+def add_train_args(p) -> None:
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.9999)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true")
+
+
