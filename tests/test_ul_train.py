@@ -78,3 +78,20 @@ def test_tiny_end_to_end_on_real_photos(photos, tmp_path):
     assert meta["stage"] == 2
     x = model.generate([0, 1, 2, 3], None, steps=20, decoder_steps=20)
     assert x.shape == (4, 3, 32, 32) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.05
+
+
+def test_gpu_check_script_runs_on_the_smallest_case():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = mod.main(["--preset", "ul-tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
+                        "--batch-size", "2", "--peak-tflops", "1"])
+    assert [r["stage"] for r in results] == [1, 2]
+    for r in results:
+        assert r["images_per_s"] > 0 and r["train_flops_per_image"] > 0 and 0 < r["mfu"] < 1
+    # Stage 1 trains three networks on 32x32 images; stage 2 one network on a 4x8x8 latent: more FLOPs per image.
+    assert results[0]["train_flops_per_image"] > results[1]["train_flops_per_image"]

@@ -34,7 +34,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999  # [choice]
     log_every: int = 10
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # <= 0: never write checkpoints (benchmarks)
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     compile: bool = False
@@ -149,13 +149,14 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, tuple], dict[str, torc
         seen += batch[0].shape[0] * world
         bar.update(1)
         if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            row = {"step": step + 1, "lr": lr_at(step, cfg), "grad_norm": grad_norm,
-                   "images_per_s": seen / (time.perf_counter() - t0),
+            elapsed = time.perf_counter() - t0
+            row = {"step": step + 1, "lr": lr_at(step, cfg), "grad_norm": grad_norm, "elapsed_s": elapsed,
+                   "images_per_s": seen / elapsed,
                    **{k: float(v.detach().float().mean()) for k, v in terms.items()}}
             log.append(row)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+        if rank == 0 and cfg.checkpoint_every > 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(out, model, ema, opt, step + 1)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}")

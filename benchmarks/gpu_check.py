@@ -1,0 +1,104 @@
+"""GPU check for UL training: a few Stage-1 and Stage-2 steps, images/s, peak memory and MFU.
+
+Prepared to run as one command on a lent GPU (bf16 autocast, optional torch.compile, DDP with one process):
+    torchrun --nproc-per-node 1 benchmarks/gpu_check.py --preset ul-small --batch-size 8 --steps 10 --compile
+On CPU it runs the same code on the smallest real case (used by the tests):
+    python benchmarks/gpu_check.py --preset ul-tiny --device cpu --steps 3 --batch-size 4
+MFU = measured training FLOPs per step (FlopCounterMode on a real forward+backward) x steps / time / peak FLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ul_model.config import PRESETS
+from ul_model.model import UnifiedLatents
+from ul_model.train import TrainConfig, distributed, train
+
+# Dense bf16 peak FLOP/s by device name (vendor datasheets, SXM parts).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def train_flops_per_step(model: UnifiedLatents, batch: tuple, device: torch.device, precision: str) -> int:
+    """FLOPs of one real forward+backward step, counted by FlopCounterMode (the count follows the code)."""
+    from ul_model.train import autocast
+
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, precision):
+            loss = model(*batch)["loss"].float().mean()
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def check_stage(stage: int, args, device: torch.device) -> dict:
+    cfg = PRESETS[args.preset]
+    torch.manual_seed(0)
+    model = UnifiedLatents(cfg).set_stage(stage).to(device)
+    shape = (3, cfg.resolution, cfg.resolution) if stage == 1 else cfg.latent_shape
+    x = torch.randn(args.batch_size, *shape, device=device).clamp(-1, 1)
+    y = torch.randint(0, cfg.num_classes, (args.batch_size,), device=device)
+    flops = train_flops_per_step(model, (x, y), device, args.precision)
+
+    def batches(start):
+        while True:
+            yield x, y
+
+    tcfg = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch_size, warmup_steps=1, log_every=1,
+                       checkpoint_every=0, precision=args.precision, compile=args.compile)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as out:
+        log = train(model, lambda net, b: net(*b), batches, tcfg, out, device=device, progress=False)
+    first, last = log[args.warmup - 1], log[-1]  # time only the steps after warm-up (and compilation)
+    seconds = last["elapsed_s"] - first["elapsed_s"]
+    _, world = distributed()
+    images_per_s = args.batch_size * world * args.steps / seconds
+    peak = peak_flops(device, args.peak_tflops)
+    return {"stage": stage, "preset": args.preset, "resolution": cfg.resolution, "batch_size": args.batch_size,
+            "world_size": world, "precision": args.precision, "compile": args.compile,
+            "train_flops_per_image": flops / args.batch_size, "images_per_s": images_per_s,
+            "mfu": flops / args.batch_size * images_per_s / world / peak if peak else None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "loss_first": log[0]["loss"], "loss_last": last["loss"],
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="ul-small", choices=sorted(PRESETS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup steps)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak bf16 TFLOP/s")
+    ap.add_argument("--stages", default="1,2")
+    args = ap.parse_args(argv)
+    rank, _ = distributed()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    results = [check_stage(int(s), args, device) for s in args.stages.split(",")]
+    if rank == 0:
+        for r in results:
+            print(json.dumps(r))
+    return results
+
+
+if __name__ == "__main__":
+    main()
