@@ -64,3 +64,23 @@ def test_fashion_mnist_reader_on_idx_files(tmp_path):
 def test_missing_fashion_mnist_names_the_install_command(tmp_path):
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
         fashion_mnist("train", tmp_path / "absent")
+
+
+def test_samples_do_not_depend_on_the_number_of_processes(tmp_path):
+    import subprocess
+    import sys
+
+    common = ["--steps", "2", "--batch-size", "4", "--checkpoint-every", "2", "--device", "cpu"]
+    assert run_cli("train", "stage1", "--preset", "ul-tiny", "--data", "photos", "--out", str(tmp_path / "s1"),
+                   *common).returncode == 0
+    assert run_cli("train", "stage2", "--stage1", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"),
+                   *common).returncode == 0
+    flags = ["--num-samples", "20", "--steps", "2", "--decoder-steps", "2", "--device", "cpu"]
+    assert run_cli("sample", "--run", str(tmp_path / "s2"), "--out", str(tmp_path / "one"), *flags).returncode == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "ulbench.cli",
+                          "sample", "--run-dir", str(tmp_path / "s2"), "--out", str(tmp_path / "two"), *flags],
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = sorted((tmp_path / "one").glob("*.png")), sorted((tmp_path / "two").glob("*.png"))
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 20
+    assert all(np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y))) for x, y in zip(a, b))

@@ -1,4 +1,6 @@
 """UL networks and model: shapes, presets, gradient paths, bitrate bounds, generation shapes."""
+import math
+
 import pytest
 import torch
 
@@ -31,6 +33,36 @@ def test_gradient_reaches_encoder_through_each_path(path):
     assert sum(p.grad.abs().sum() for p in m.encoder.parameters() if p.grad is not None) > 0
     other = m.decoder if path == "prior" else m.prior
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in other.parameters())
+
+
+def test_stop_prior_grad_ablation_cuts_the_prior_path():
+    from dataclasses import replace
+
+    cfg = PRESETS["ul-tiny"]
+    torch.manual_seed(1)
+    m = UnifiedLatents(replace(cfg, diffusion=replace(cfg.diffusion, stop_prior_grad=True)))
+    with torch.no_grad():
+        for p in m.prior.out.parameters():
+            p.normal_(0, 0.02)
+    m.stage1_terms(_images()).l_z.mean().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.encoder.parameters())
+    assert sum(p.grad.abs().sum() for p in m.prior.parameters() if p.grad is not None) > 0
+
+
+def test_interpolated_decoder_schedule_runs_from_high_to_low_shift():
+    from dataclasses import replace
+
+    cfg = PRESETS["ul-small"]
+    with torch.device("meta"):
+        m = UnifiedLatents(replace(cfg, diffusion=replace(cfg.diffusion, decoder_interp_ref=32)))
+    sch = m.decoder_schedule
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    lam = sch.logsnr(t)
+    assert lam[0].item() == pytest.approx(cfg.diffusion.decoder_lambda_max + 2 * math.log(64 / 512))
+    assert lam[1].item() == pytest.approx(cfg.diffusion.decoder_lambda_min + 2 * math.log(32 / 512))
+    tt = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(sch.logsnr(tt).sum(), tt)
+    torch.testing.assert_close(g, sch.dlogsnr_dt(tt.detach()))
 
 
 def test_bits_per_pixel_positive_and_below_ceiling(tiny):

@@ -48,11 +48,13 @@ class DiffusionConfig:
     decoder_lambda_min: float = -15.0  # [choice]
     decoder_lambda_max: float = 15.0  # [choice]
     decoder_shift_ref: int = 64  # [choice] resolution shift 2 log(d_ref / d) for the pixel decoder (simple diffusion)
+    decoder_interp_ref: int | None = None  # [choice] None: shifted schedule; an int: interpolated from this low-res ref
     base_lambda_min: float = -10.0  # [choice]
     c_lf: float = 1.5  # decoder loss factor [paper baseline]
     sigmoid_bias: float = 0.0  # b of sigmoid(b - lambda) [choice]
     base_sigmoid_bias: float = 0.0  # [choice]
     label_dropout: float = 0.1  # for classifier-free guidance [choice]
+    stop_prior_grad: bool = False  # ablation A of the paper (gFID 7.80 vs 1.54): the prior's gradient stops at z
 
 
 @dataclass(frozen=True)

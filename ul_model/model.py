@@ -56,7 +56,8 @@ class UnifiedLatents(nn.Module):
         self.base = BaseModel(cfg.base, cfg.latent_shape, cfg.num_classes)
         self.prior_schedule = LogSNRSchedule(d.prior_lambda_min, d.lambda_z0)
         shift = resolution_shift(cfg.resolution, d.decoder_shift_ref)
-        self.decoder_schedule = LogSNRSchedule(d.decoder_lambda_min, d.decoder_lambda_max, shift)
+        shift_end = None if d.decoder_interp_ref is None else resolution_shift(cfg.resolution, d.decoder_interp_ref)
+        self.decoder_schedule = LogSNRSchedule(d.decoder_lambda_min, d.decoder_lambda_max, shift, shift_end)
         self.base_schedule = LogSNRSchedule(d.base_lambda_min, d.lambda_z0)
 
     def encode(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +67,8 @@ class UnifiedLatents(nn.Module):
     def stage1_terms(self, x: torch.Tensor) -> Stage1Terms:
         d = self.cfg.diffusion
         z_clean, z0 = self.encode(x)
-        prior = losses.prior_loss(z_clean, lambda z_t, lam: self.prior(z_t, lam), self.prior_schedule)
+        z_prior = z_clean.detach() if d.stop_prior_grad else z_clean
+        prior = losses.prior_loss(z_prior, lambda z_t, lam: self.prior(z_t, lam), self.prior_schedule)
         dec = losses.decoder_loss(x, lambda x_t, lam: self.decoder(x_t, lam, z0), self.decoder_schedule,
                                   c_lf=d.c_lf, b=d.sigmoid_bias)
         bpp = losses.bits_per_pixel(prior.total, self.cfg.resolution, self.cfg.resolution)

@@ -57,14 +57,23 @@ def alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class LogSNRSchedule:
-    """Truncated-cosine log-SNR from ``lambda_max`` (t = 0) to ``lambda_min`` (t = 1), plus a resolution shift."""
+    """Truncated-cosine log-SNR from ``lambda_max`` (t = 0) to ``lambda_min`` (t = 1), plus a resolution shift.
+
+    ``shift_end=None``: the shifted schedule (constant ``shift``). Otherwise the interpolated one: ``shift`` at
+    t = 0 (the high-resolution shift) moving linearly to ``shift_end`` at t = 1 (the low-resolution shift).
+    """
 
     lambda_min: float
     lambda_max: float
     shift: float = 0.0
+    shift_end: float | None = None
 
     def logsnr(self, t: torch.Tensor) -> torch.Tensor:
-        return logsnr_cosine(t, self.lambda_min, self.lambda_max, self.shift)
+        if self.shift_end is None:
+            return logsnr_cosine(t, self.lambda_min, self.lambda_max, self.shift)
+        return logsnr_interpolated(t, self.lambda_min, self.lambda_max, self.shift_end, self.shift)
 
     def dlogsnr_dt(self, t: torch.Tensor) -> torch.Tensor:
-        return dlogsnr_cosine_dt(t, self.lambda_min, self.lambda_max)
+        if self.shift_end is None:
+            return dlogsnr_cosine_dt(t, self.lambda_min, self.lambda_max)
+        return dlogsnr_interpolated_dt(t, self.lambda_min, self.lambda_max, self.shift_end, self.shift)

@@ -110,7 +110,8 @@ EXAMPLES = {
   ulbench train stage2 --stage1 runs/ul1 --out runs/ul2 --steps 400 --lr 1e-3   # data defaults to stage 1's""",
     "sample": """examples:
   ulbench sample --run runs/ul2 --n 64 --out samples/ --steps 100 --decoder-steps 100
-  ulbench sample --run runs/fm2 --n 100 --label 3 --guidance 2.0 --out samples_cls3/""",
+  ulbench sample --run runs/fm2 --n 100 --label 3 --guidance 2.0 --out samples_cls3/
+  torchrun --nproc-per-node 8 -m ulbench.cli sample --run-dir runs/s2 --num-samples 50000 --out fid50k/""",
     "reconstruct": """examples:
   ulbench reconstruct --run runs/ul1 --n 32 --out recon/ && ulbench eval psnr recon/originals recon/reconstructions""",
     "features": """examples:
@@ -199,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("sample", "Generate images from a stage-2 run (PNG files)"),
                            ("reconstruct", "Encode -> z_0 -> decode dataset images with a stage-1 run (PNG files)")):
         p = _sub(sub, name, helptext)
-        p.add_argument("--run", required=True)
-        p.add_argument("--n", type=int, default=16)
+        # --run-dir / --num-samples: the same flags under torchrun, whose own parser takes "--run" and "--n" for
+        # abbreviations of its options (--run-path, --nnodes, ...)
+        p.add_argument("--run", "--run-dir", dest="run", required=True)
+        p.add_argument("--n", "--num-samples", dest="n", type=int, default=16)
         p.add_argument("--out", required=True)
         p.add_argument("--steps", type=int, default=100)
         p.add_argument("--seed", type=int, default=0)

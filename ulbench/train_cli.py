@@ -84,13 +84,19 @@ def _load(run: str, device: str):
 
 
 def cmd_sample(args) -> None:
+    """Under torchrun each rank takes every world-th batch; sample i always uses seed + i, so the images do not
+    depend on batch size or on the number of processes."""
     from tqdm.auto import tqdm
 
+    from ul_model.train import distributed
+
+    rank, world = distributed()
     model, meta = _load(args.run, args.device)
     if meta["stage"] != 2:
         raise UserError(f"{args.run} is a stage-{meta['stage']} run; sampling needs a stage-2 run (base model)")
     out = Path(args.out)
-    for lo in tqdm(range(0, args.n, SAMPLE_BATCH), desc="sample", unit="batch"):
+    for lo in tqdm(range(rank * SAMPLE_BATCH, args.n, world * SAMPLE_BATCH), desc="sample", unit="batch",
+                   disable=rank != 0):
         seeds = [args.seed + i for i in range(lo, min(lo + SAMPLE_BATCH, args.n))]
         labels = None
         if args.label is not None:
@@ -98,7 +104,8 @@ def cmd_sample(args) -> None:
         x = model.generate(seeds, labels, steps=args.steps, decoder_steps=args.decoder_steps,
                            guidance=args.guidance, method=args.sampler)
         _save_pngs(x, out, lo)
-    print(json.dumps({"n": args.n, "out": str(out)}))
+    if rank == 0:
+        print(json.dumps({"n": args.n, "out": str(out)}))
 
 
 def cmd_reconstruct(args) -> None:
