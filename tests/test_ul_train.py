@@ -7,7 +7,7 @@ import torch
 
 from ul_model.config import PRESETS
 from ul_model.stages import load_run, train_stage1, train_stage2
-from ul_model.train import TrainConfig, step_batches
+from ul_model.train import TrainConfig, step_batches, train
 from ulbench.data import load_dataset
 
 
@@ -95,3 +95,28 @@ def test_gpu_check_script_runs_on_the_smallest_case():
         assert r["images_per_s"] > 0 and r["train_flops_per_image"] > 0 and 0 < r["mfu"] < 1
     # Stage 1 trains three networks on 32x32 images; stage 2 one network on a 4x8x8 latent: more FLOPs per image.
     assert results[0]["train_flops_per_image"] > results[1]["train_flops_per_image"]
+
+
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
+    # torch.compile (inductor on CPU, about a minute) must train the same model to the same losses. Inductor draws
+    # random numbers with its own generator unless told to fall back to eager's, which the comparison needs.
+    from dataclasses import replace
+
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+
+    from ul_model.model import UnifiedLatents
+
+    cfg = PRESETS["ul-tiny"]
+    z = torch.randn(16, *cfg.latent_shape, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, cfg.num_classes, (16,), generator=torch.Generator().manual_seed(1))
+    tcfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, checkpoint_every=0)
+    losses = {}
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = UnifiedLatents(cfg).set_stage(2)
+        log = train(model, lambda net, b: net(*b), lambda s: step_batches(z, y, 8, 0, s),
+                    replace(tcfg, compile=compile_), tmp_path / str(compile_), progress=False)
+        losses[compile_] = [r["loss"] for r in log]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
