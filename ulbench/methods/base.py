@@ -1,0 +1,93 @@
+"""The interface between the harness and a model family.
+
+A *kind* (``ul``, later ``dit``, ``edm2``...) names its presets (typed config dataclasses), resolves a suite's
+overrides onto one, and builds a real training step for FLOP counting. Training, sampling and reconstruction go
+through ``MethodKind.runner``, which returns an object with the ``Runner`` methods.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepInputs:
+    """One real training step: ``loss_fn(module, batch)["loss"]`` is a per-sample loss to back-propagate."""
+
+    module: nn.Module
+    loss_fn: Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
+    batch: tuple
+
+
+class Runner(Protocol):
+    """A method being trained in ``workdir``: stages in order, each resumable and extendable to more steps."""
+
+    def train(self, stage: str, steps: int, resume: bool) -> None: ...
+    def sample(self, seeds: list[int], labels: torch.Tensor | None, sampler: dict) -> torch.Tensor: ...
+    def reconstruct(self, x: torch.Tensor, seeds: list[int], sampler: dict) -> torch.Tensor: ...
+    def bits_per_pixel(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class MethodKind(Protocol):
+    name: str
+    stages: tuple[str, ...]  # training stages in order, e.g. ("stage1", "stage2")
+    reconstructs: bool  # whether it has an autoencoder to reconstruct with (rFID, PSNR, bits/pixel)
+
+    def presets(self) -> dict[str, Any]: ...
+    def resolve(self, preset: str, overrides: dict, resolution: int | None = None,
+                num_classes: int | None = None) -> Any: ...
+    def step_inputs(self, config: Any, stage: str, batch_size: int, device: str | torch.device) -> StepInputs: ...
+    def runner(self, config: Any, train: dict[str, Any], workdir: Path, device: str, precision: str,
+               images: torch.Tensor, labels: torch.Tensor, progress: bool) -> Runner: ...
+
+
+class OverrideError(ValueError):
+    """A suite override that does not fit the config: ``key`` is its dotted path, ``allowed`` the valid names."""
+
+    def __init__(self, key: str, problem: str, allowed: list[str] | None = None):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem, self.allowed = key, problem, allowed or []
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """``value`` typed like the field's current value (ints accepted for floats, lists for tuples)."""
+    if isinstance(current, bool) or isinstance(value, bool):
+        if not (isinstance(current, bool) and isinstance(value, bool)):
+            raise OverrideError(key, f"expected {type(current).__name__}, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise OverrideError(key, f"expected a list, got {value!r}")
+        if current and len(value) != len(current) and not isinstance(current[0], (int, float)):
+            raise OverrideError(key, f"expected {len(current)} entries, got {len(value)}")
+        return tuple(_coerce(v, current[0], f"{key}[{i}]") if current else v for i, v in enumerate(value))
+    if current is None or isinstance(value, type(current)):
+        return value
+    raise OverrideError(key, f"expected {type(current).__name__}, got {value!r}")
+
+
+def apply_overrides(config: Any, overrides: dict, prefix: str = "") -> Any:
+    """A copy of a (nested, frozen) dataclass with ``overrides`` (a nested dict) applied, every key validated."""
+    import dataclasses
+
+    if not isinstance(overrides, dict):
+        raise OverrideError(prefix.rstrip(".") or "overrides", f"expected a mapping, got {overrides!r}")
+    names = [f.name for f in dataclasses.fields(config)]
+    changes = {}
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise OverrideError(path, "unknown field", names)
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = apply_overrides(current, value, f"{path}.")
+        else:
+            changes[key] = _coerce(value, current, path)
+    return dataclasses.replace(config, **changes)
