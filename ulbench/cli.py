@@ -217,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--data", default=None, help="defaults to the run's training data")
             p.set_defaults(func=tc.cmd_reconstruct)
-    lsub = sub.add_parser("ls", help="list presets").add_subparsers(dest="what", required=True)
+    lsub = sub.add_parser("ls", help="list suites, presets, metrics").add_subparsers(dest="what", required=True)
     p = _sub(lsub, "presets", "UL presets with parameter counts")
     p.set_defaults(func=tc.cmd_ls_presets)
+    from ulbench import run_cli
+
+    run_cli.register(sub, lsub)
 
     bsub = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     p = _sub(bsub, "features", "Time our FID feature pipeline against torch-fidelity's calculate_metrics")
@@ -235,14 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except UserError as e:
         print(f"ulbench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ulbench: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -92,3 +92,29 @@ def load_dataset(spec: str, resolution: int) -> Dataset:
     if ds.resolution != resolution:
         raise UserError(f"dataset {ds.name} is {ds.resolution}x{ds.resolution} but the preset expects {resolution}")
     return ds
+
+
+def load_suite_dataset(suite) -> Dataset:
+    """A suite's ``dataset`` section -> Dataset (errors name the suite file and key)."""
+    spec = suite.dataset
+    where = f"{suite.file}: dataset"
+    if spec.name == "fashion-mnist":
+        ds = fashion_mnist(spec.split)
+    elif spec.name == "photos":
+        # test split: crops drawn with another seed than the training crops
+        ds = photos(spec.resolution, seed=PHOTO_SEED + (1 if spec.split == "test" else 0))
+    else:
+        folder = Path(spec.path).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"{where}.path: {folder} is not a folder; point it at your images (ImageFolder layout)")
+        ds = image_folder(folder, spec.resolution)
+    if ds.resolution != spec.resolution:
+        raise UserError(f"{where}.resolution: {spec.resolution}, but {ds.name} images are {ds.resolution}x"
+                        f"{ds.resolution}")
+    if spec.subset is not None:
+        if spec.subset > len(ds.images):
+            raise UserError(f"{where}.subset: {spec.subset} images asked for, {ds.name} has {len(ds.images)}")
+        ds = Dataset(ds.name, ds.images[: spec.subset], ds.labels[: spec.subset], ds.num_classes)
+    if not spec.class_conditional:
+        ds = Dataset(ds.name, ds.images, torch.zeros_like(ds.labels), 1)
+    return ds

@@ -42,5 +42,70 @@ class UL:
             z = torch.randn(batch_size, *config.latent_shape)
             return StepInputs(model, lambda net, b: net(b[0], b[1]), (z, labels))
 
-    def runner(self, config, train, workdir: Path, device, precision, images, labels, progress):
-        raise NotImplementedError  # filled in by the sweep work (same session)
+    def runner(self, config: Any, train: dict[str, dict], workdir: Path, device: str, precision: str,
+               images: torch.Tensor, labels: torch.Tensor, progress: bool) -> ULRunner:
+        return ULRunner(config, train, workdir, device, precision, images, labels, progress)
+
+
+class ULRunner:
+    """UL trained in ``workdir/stage1`` and ``workdir/stage2`` (ul_model.stages run directories)."""
+
+    def __init__(self, config: Any, train: dict[str, dict], workdir: Path, device: str, precision: str,
+                 images: torch.Tensor, labels: torch.Tensor, progress: bool):
+        self.config, self.train_overrides, self.workdir = config, train, Path(workdir)
+        self.device, self.precision, self.progress = device, precision, progress
+        self.images, self.labels = images, labels
+        self._models: dict[str, Any] = {}
+
+    def train_config(self, stage: str, steps: int):
+        from ul_model.train import TrainConfig
+
+        return apply_overrides(TrainConfig(steps=steps, precision=self.precision), self.train_overrides.get(stage, {}))
+
+    def batch_size(self, stage: str) -> int:
+        return self.train_config(stage, 1).batch_size
+
+    def train(self, stage: str, steps: int, resume: bool = True) -> None:
+        """Train ``stage`` up to ``steps`` in total: continues from the stage's latest checkpoint when there is one."""
+        from ul_model.stages import train_stage1, train_stage2
+
+        tcfg = self.train_config(stage, steps)
+        out = self.workdir / stage
+        if stage == "stage1":
+            train_stage1(self.config, self.images, self.labels, tcfg, out, resume=resume, device=self.device,
+                         progress=self.progress)
+        else:
+            train_stage2(self.workdir / "stage1", self.images, self.labels, tcfg, out, base=self.config.base,
+                         resume=resume, device=self.device, progress=self.progress)
+        self._models.pop(stage, None)
+
+    def trained_steps(self, stage: str) -> int:
+        import json
+
+        latest = self.workdir / stage / "latest.json"
+        return json.loads(latest.read_text())["step"] if latest.is_file() else 0
+
+    def _model(self, stage: str):
+        from ul_model.stages import load_run
+
+        if stage not in self._models:
+            self._models[stage] = load_run(self.workdir / stage, "ema")[0].to(self.device)
+        return self._models[stage]
+
+    def sample(self, seeds: list[int], labels: torch.Tensor | None, sampler: dict, guidance: float) -> torch.Tensor:
+        """Alg. 2 with per-sample seeds; images in [-1, 1]."""
+        labels = None if labels is None else labels.to(self.device)
+        return self._model("stage2").generate(seeds, labels, steps=sampler["steps"],
+                                              decoder_steps=sampler["decoder_steps"], guidance=guidance,
+                                              method=sampler["method"])
+
+    def reconstruct(self, x: torch.Tensor, seeds: list[int], sampler: dict) -> torch.Tensor:
+        return self._model("stage1").reconstruct(x.to(self.device), seeds, steps=sampler["decoder_steps"],
+                                                 method=sampler["method"])
+
+    @torch.no_grad()
+    def bits_per_pixel(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """Per-image rate: the prior's L_z in bits per pixel (section 2.7), a seeded Monte-Carlo estimate."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._model("stage1").stage1_terms(x.to(self.device)).bits_per_pixel.float().cpu()

@@ -1,0 +1,295 @@
+"""Run a suite: train each method along the compute ladder, evaluate at every crossing, store one row per metric.
+
+Run directory ``runs/<suite>/<name>/``: ``config.json`` (resolved suite, plan, versions), ``results.jsonl`` (rewritten
+atomically, all rows of a point at once), ``methods/<method>/<stage>/`` (training runs with checkpoints),
+``methods/<method>/points/<point>/`` (samples as ADM ``.npz``, ``grid.png``), ``logs/run.log``. ``--resume`` skips
+points whose rows are stored and continues training from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ulbench.errors import UserError
+from ulbench.io import atomic_write, write_json
+from ulbench.methods import get_kind
+from ulbench.metrics.images import quantize_images
+from ulbench.plan import MethodPlan, make_plan, resolve_device
+from ulbench.suite import METRICS, load_suite
+
+SAMPLE_BATCH = 32
+GRID_IMAGES = 64
+log = logging.getLogger("ulbench.sweep")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    names = ("ulbench", "torch", "torchvision", "torch-fidelity", "numpy", "scipy")
+    return {n: md.version(n) for n in names}
+
+
+class ResultsStore:
+    """``results.jsonl``: rows keyed by (method, point); a point's rows are written together, atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+        if path.is_file():
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{i}: not a JSON line ({e}); the run directory is damaged") from None
+
+    def done(self, method: str, point: str) -> bool:
+        return any(r["method"] == method and r["point"] == point for r in self.rows)
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+        with atomic_write(self.path) as f:
+            f.writelines(json.dumps(r, default=float) + "\n" for r in self.rows)
+
+
+def save_grid(images_uint8: np.ndarray, path: Path) -> None:
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    x = torch.from_numpy(images_uint8[:GRID_IMAGES]).permute(0, 3, 1, 2)
+    grid = make_grid(x, nrow=int(np.ceil(np.sqrt(len(x)))), padding=1).permute(1, 2, 0).numpy()
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(grid).save(f, format="png")
+
+
+def save_images(images_uint8: np.ndarray, path: Path) -> None:
+    with atomic_write(path, "wb") as f:
+        np.savez(f, arr_0=images_uint8)
+
+
+def _sample_labels(n: int, first: int, suite, num_classes: int) -> torch.Tensor:
+    """Class-conditional suites draw class ``i mod classes`` for sample i (balanced). Unconditional suites train
+    every image under the one label 0 (``load_suite_dataset``), so they sample under it too."""
+    if not suite.dataset.class_conditional:
+        return torch.zeros(n, dtype=torch.long)
+    return torch.arange(first, first + n) % num_classes
+
+
+class Sweep:
+    def __init__(self, suite, run_dir: Path, progress: bool = True):
+        from ulbench.data import load_suite_dataset
+
+        self.suite, self.run_dir, self.progress = suite, Path(run_dir), progress
+        self.device = resolve_device(suite.device)
+        self.store = ResultsStore(self.run_dir / "results.jsonl")
+        self.data = load_suite_dataset(suite)
+        self._evaluator = None
+        self.commit, self.versions = git_commit(), versions()
+
+    @property
+    def evaluator(self):
+        if self._evaluator is None:
+            from ulbench.metrics.fid import ImageEvaluator
+
+            ev = self.suite.evaluation
+            self._evaluator = ImageEvaluator(resize=ev.resize, batch_size=ev.batch_size, progress=self.progress)
+        return self._evaluator
+
+    def reference(self) -> str:
+        """The reference set for gFID/KID: a user's path, or the first ``reference_size`` dataset images."""
+        ev = self.suite.evaluation
+        if ev.reference != "dataset":
+            return ev.reference
+        path = self.run_dir / "reference.npz"
+        if not path.is_file():
+            save_images(self.data.uint8(ev.reference_size or ev.num_samples), path)
+        return str(path)
+
+    def row(self, plan: MethodPlan, point: str, rung: int | None, metric: str, value: float, n: int,
+            fingerprint: dict, wall_s: float, ci95=None, std=None, guidance=None, grid=None) -> dict:
+        info = METRICS[metric]
+        name = f"{metric}{n}" if metric in ("fid", "kid", "rfid") else metric
+        return {"suite": self.suite.name, "run": self.run_dir.name, "method": plan.name, "kind": plan.kind,
+                "preset": plan.preset, "point": point, "budget_index": rung,
+                "budget_train_flops": None if rung is None else self.suite.budgets[rung], "metric": name,
+                "metric_base": metric, "value": float(value), "ci95": ci95, "std": std, "n": n,
+                "higher_is_better": info.higher_is_better, "guidance": guidance, "train_flops": plan.train_flops(rung),
+                "steps": plan.steps(rung), "wall_s": wall_s, "fingerprint": fingerprint, "git_commit": self.commit,
+                "versions": self.versions, "grid": grid,
+                "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+    def evaluate_reconstructions(self, plan: MethodPlan, runner) -> list[dict]:
+        """rFID, PSNR and bits/pixel of the stage-1 autoencoder on the first N dataset images."""
+        from ulbench.metrics.psnr import psnr_per_image
+
+        ev, wanted = self.suite.evaluation, set(self.suite.evaluation.metrics)
+        t0, n = time.perf_counter(), ev.num_reconstructions
+        folder = self.run_dir / "methods" / plan.name / "points" / "stage1"
+        x = self.data.images[:n]
+        originals = self.data.uint8(n)
+        recon_parts, bits = [], []
+        for lo in tqdm(range(0, n, SAMPLE_BATCH), desc=f"{plan.name} reconstruct", disable=not self.progress):
+            xb = x[lo: lo + SAMPLE_BATCH]
+            seeds = [self.suite.seeds.sample + i for i in range(lo, lo + len(xb))]
+            recon_parts.append(quantize_images(runner.reconstruct(xb, seeds, ev.sampler)).permute(0, 2, 3, 1).cpu())
+            bits.append(runner.bits_per_pixel(xb, self.suite.seeds.sample + lo))
+        recon = torch.cat(recon_parts).numpy()
+        save_images(recon, folder / "reconstructions.npz")
+        save_grid(np.concatenate([originals[:GRID_IMAGES // 2], recon[:GRID_IMAGES // 2]]), folder / "grid.png")
+        grid = str((folder / "grid.png").relative_to(self.run_dir))
+        rows = []
+        if "rfid" in wanted:
+            r = self.evaluator.fid(recon, originals, bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
+            rows.append(self.row(plan, "stage1", None, "rfid", r["fid"], r["n"], r["fingerprint"],
+                                 time.perf_counter() - t0, ci95=r.get("fid_ci95"), grid=grid))
+        if "psnr" in wanted:
+            p = psnr_per_image(originals, recon)
+            fp = {"metric": "psnr", "data_range": 255, "quantized": "uint8", "reduction": "per-image mean", "n": n}
+            rows.append(self.row(plan, "stage1", None, "psnr", float(np.mean(p)), n, fp, time.perf_counter() - t0,
+                                 std=float(np.std(p)), grid=grid))
+        if "bits_per_pixel" in wanted:
+            b = torch.cat(bits).numpy()
+            fp = {"metric": "bits_per_pixel", "estimator": "prior L_z / (ln 2 H W), seeded Monte Carlo", "n": n}
+            rows.append(self.row(plan, "stage1", None, "bits_per_pixel", float(b.mean()), n, fp,
+                                 time.perf_counter() - t0, std=float(b.std()), grid=grid))
+        return rows
+
+    def generate(self, plan: MethodPlan, runner, guidance: float, path: Path) -> np.ndarray:
+        """num_samples images with per-sample seeds (seed + i), stored as an ADM .npz (reused when present)."""
+        if path.is_file():
+            with np.load(path) as z:
+                return z["arr_0"]
+        ev = self.suite.evaluation
+        parts = []
+        for lo in tqdm(range(0, ev.num_samples, SAMPLE_BATCH), desc=f"{plan.name} sample g={guidance}",
+                       disable=not self.progress):
+            seeds = [self.suite.seeds.sample + i for i in range(lo, min(lo + SAMPLE_BATCH, ev.num_samples))]
+            labels = _sample_labels(len(seeds), lo, self.suite, self.data.num_classes)
+            parts.append(quantize_images(runner.sample(seeds, labels, ev.sampler, guidance)).permute(0, 2, 3, 1).cpu())
+        images = torch.cat(parts).numpy()
+        save_images(images, path)
+        return images
+
+    def evaluate_samples(self, plan: MethodPlan, runner, rung: int) -> list[dict]:
+        ev, wanted, point = self.suite.evaluation, self.suite.evaluation.metrics, f"b{rung}"
+        folder = self.run_dir / "methods" / plan.name / "points" / point
+        rows = []
+        for g in ev.guidance:
+            t0 = time.perf_counter()
+            images = self.generate(plan, runner, g, folder / f"samples_g{g:g}.npz")
+            save_grid(images, folder / f"grid_g{g:g}.png")
+            grid = str((folder / f"grid_g{g:g}.png").relative_to(self.run_dir))
+            if "fid" in wanted:
+                r = self.evaluator.fid(images, self.reference(), bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
+                rows.append(self.row(plan, point, rung, "fid", r["fid"], r["n"], r["fingerprint"],
+                                     time.perf_counter() - t0, ci95=r.get("fid_ci95"), guidance=g, grid=grid))
+            if "kid" in wanted:
+                r = self.evaluator.kid(images, self.reference(), subset_size=ev.kid_subset_size)
+                rows.append(self.row(plan, point, rung, "kid", r["kid_mean"], r["n"], r["fingerprint"],
+                                     time.perf_counter() - t0, std=r["kid_std"], guidance=g, grid=grid))
+        return rows
+
+    def run_method(self, plan: MethodPlan) -> None:
+        kind = get_kind(plan.kind)
+        workdir = self.run_dir / "methods" / plan.name
+        runner = kind.runner(plan.config, plan.train, workdir, self.device, self.suite.precision,
+                             self.data.images, self.data.labels, self.progress)
+        if plan.stage1_steps:
+            log.info("%s: stage1 to step %d", plan.name, plan.stage1_steps)
+            runner.train("stage1", plan.stage1_steps, resume=True)
+            wants_recon = kind.reconstructs and {"rfid", "psnr", "bits_per_pixel"} & set(self.suite.evaluation.metrics)
+            if wants_recon and not self.store.done(plan.name, "stage1"):
+                self.store.add(self.evaluate_reconstructions(plan, runner))
+                log.info("%s: stage1 evaluated", plan.name)
+            elif wants_recon:
+                log.info("%s: stage1 point already stored, skipped", plan.name)
+        wants_samples = {"fid", "kid"} & set(self.suite.evaluation.metrics)
+        for rung, steps in enumerate(plan.rung_steps if wants_samples else []):
+            if self.store.done(plan.name, f"b{rung}"):
+                log.info("%s: b%d already stored, skipped", plan.name, rung)
+                continue
+            log.info("%s: %s to step %d (rung b%d)", plan.name, plan.final_stage, steps, rung)
+            runner.train(plan.final_stage, steps, resume=True)
+            self.store.add(self.evaluate_samples(plan, runner, rung))
+            log.info("%s: b%d evaluated", plan.name, rung)
+
+    def run(self, plans: list[MethodPlan]) -> None:
+        for plan in plans:
+            self.run_method(plan)
+
+
+def _setup_logging(run_dir: Path) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.handlers[:] = [handler, logging.StreamHandler()]
+    log.setLevel(logging.INFO)
+
+
+def start_run(suite_file: str, sets: list[str], runs_root: Path, name: str | None, progress: bool = True) -> Path:
+    """A new run directory with its config.json, then the sweep."""
+    from ulbench.suite import check_paths
+
+    suite = load_suite(suite_file, sets)
+    check_paths(suite)
+    name = name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(runs_root) / suite.name / name
+    if (run_dir / "config.json").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with `ulbench run --resume {run_dir}` or "
+                        "pass another --name")
+    _setup_logging(run_dir)
+    plans = make_plan(suite)
+    config = {"suite": suite.name, "suite_file": str(suite_file), "sets": list(sets), "resolved": suite.to_dict(),
+              "methods": {p.name: {"kind": p.kind, "preset": p.preset, "config": _jsonable(p.config),
+                                   "train": p.train, "flops_per_image": p.flops_per_image,
+                                   "forward_macs_per_image": p.forward_macs_per_image, "params": p.params,
+                                   "batch_size": p.batch_size, "stage1_steps": p.stage1_steps,
+                                   "rung_steps": p.rung_steps} for p in plans},
+                "git_commit": git_commit(), "versions": versions(),
+                "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_json(run_dir / "config.json", config)
+    Sweep(suite, run_dir, progress).run(plans)
+    return run_dir
+
+
+def resume_run(run_dir: str | Path, progress: bool = True) -> Path:
+    """Continue a killed sweep: same suite (checked), finished points skipped, training from the last checkpoint."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir}: no config.json; not a run directory made by `ulbench run`")
+    config = json.loads(cfg_path.read_text())
+    suite = load_suite(config["suite_file"], config.get("sets", []))
+    if json.loads(json.dumps(suite.to_dict())) != config["resolved"]:
+        raise UserError(f"{config['suite_file']} changed since {run_dir} started; resuming would mix two protocols. "
+                        "Restore the suite file or start a new run.")
+    _setup_logging(run_dir)
+    plans = make_plan(suite)
+    for p in plans:
+        if p.rung_steps != config["methods"][p.name]["rung_steps"]:
+            raise UserError(f"{run_dir}: the measured FLOPs of {p.name} changed (code changed?): steps "
+                            f"{p.rung_steps} vs {config['methods'][p.name]['rung_steps']}; start a new run")
+    Sweep(suite, run_dir, progress).run(plans)
+    return run_dir
+
+
+def _jsonable(config) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(config) if is_dataclass(config) else dict(config)
