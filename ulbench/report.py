@@ -1,0 +1,347 @@
+"""`ulbench report RUN`: plots, tables and one self-contained HTML page from a (finished or partial) sweep run.
+
+Reads ``RUN/config.json`` and ``RUN/results.jsonl`` (one row per method x point x metric x guidance), writes into
+``reports/<suite>/`` (or ``--out``): ``compute_vs_fid.png`` (+ ``compute_vs_kid.png``), ``rate_vs_quality.png``,
+``grids/<method>_<point>.png``, ``results.csv``, ``summary.md`` and ``index.html`` (every PNG embedded as base64).
+Published reference points (``report.published``) are drawn as labelled markers, never mixed with measured ones.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ul_model.io import atomic_bytes
+from ulbench.errors import UserError
+from ulbench.io import atomic_write
+from ulbench.published import load_published
+
+REQUIRED = ("method", "point", "metric", "metric_base", "value", "train_flops")
+X_LABELS = {"stage2": "stage-2 training FLOPs (autoencoder excluded)",
+            "total": "total training FLOPs (stage 1 autoencoder + stage 2)"}
+PUBLISHED_NOTE = ("published, not measured: FID-50K vs ADM reference statistics, a different protocol fingerprint "
+                  "from this run's small-N FIDs; published compute excludes the autoencoder")
+EXAMPLES = """examples:
+  ulbench report runs/smoke/ci                      # into reports/smoke/
+  ulbench report runs/imagenet512/main --out /tmp/r  # anywhere; index.html works when copied alone
+  ulbench report runs/smoke/ci && xdg-open reports/smoke/index.html"""
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
+    """``config.json`` and the rows of ``results.jsonl`` (train_flops / steps flattened to ``train_flops_stage2``...)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory (make one with `ulbench run SUITE`)")
+    cfg_path, res_path = run_dir / "config.json", run_dir / "results.jsonl"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{cfg_path}: missing; {run_dir} is not a run directory made by `ulbench run`") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}: not JSON ({e})") from None
+    if not res_path.is_file():
+        raise UserError(f"{res_path}: missing; the run has no results yet (resume it: `ulbench run --resume {run_dir}`)")
+    rows = []
+    for i, line in enumerate(res_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{res_path}:{i}: not a JSON line ({e}); the run directory is damaged") from None
+        missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise UserError(f"{res_path}:{i}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{res_path}: no results yet")
+    df = pd.DataFrame(rows)
+    for col in ("train_flops", "steps"):
+        flat = pd.json_normalize([r.get(col) or {} for r in rows]).add_prefix(f"{col}_")
+        df = pd.concat([df.drop(columns=[col], errors="ignore"), flat.set_index(df.index)], axis=1)
+    for col in ("guidance", "ci95", "std", "grid", "fingerprint"):
+        if col not in df:
+            df[col] = None
+    return config, df
+
+
+def _fmt_sci(x) -> str:
+    return "" if x is None or pd.isna(x) else f"{x:.2e}"
+
+
+def format_value(value: float, ci95=None, std=None) -> str:
+    """``12.34 [11.9, 12.8]`` with a 95% CI, ``12.34 ± 0.5`` with a std, else ``12.34`` (4 significant digits)."""
+    if isinstance(ci95, (list, tuple)) and len(ci95) == 2:
+        return f"{value:.4g} [{ci95[0]:.4g}, {ci95[1]:.4g}]"
+    if std is not None and not pd.isna(std):
+        return f"{value:.4g} ± {std:.2g}"
+    return f"{value:.4g}"
+
+
+def _column(row) -> str:
+    g = row["guidance"]
+    return row["metric"] if g is None or pd.isna(g) else f"{row['metric']} (g={g:g})"
+
+
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per method x point: train FLOPs per stage and one column per metric (and guidance)."""
+    d = df.assign(column=df.apply(_column, axis=1),
+                  text=[format_value(v, c, s) for v, c, s in zip(df["value"], df["ci95"], df["std"])])
+    keys = ["method", "point"]
+    flops = d.groupby(keys, sort=False)[[c for c in ("train_flops_stage1", "train_flops_stage2", "train_flops_total")
+                                         if c in d]].first().map(_fmt_sci)
+    values = d.pivot_table(index=keys, columns="column", values="text", aggfunc="first", sort=False)
+    table = flops.join(values[list(dict.fromkeys(d["column"]))]).fillna("").reset_index()
+    return table.rename(columns=lambda c: c.replace("train_flops_", "train FLOPs ") if c.startswith("train_") else c)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    # pandas' to_markdown needs `tabulate`, which is not a dependency of ulbench (and not installed here): write it.
+    cells = [[str(c) for c in df.columns]] + [[str(v).replace("|", "\\|") for v in row] for row in df.to_numpy()]
+    lines = ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join([lines[0], "|" + "---|" * len(df.columns), *lines[1:]])
+
+
+def _fingerprint_id(fp) -> str:  # the identity ulbench.check uses: an explicit id, else the dict without its inputs
+    fp = fp if isinstance(fp, dict) else {}
+    return fp.get("id") or json.dumps({k: v for k, v in fp.items() if k != "inputs"}, sort_keys=True)
+
+
+def fingerprint_lines(df: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """One line per metric stating its protocol fingerprint, and a warning per metric whose rows disagree."""
+    lines, warnings = [], []
+    for metric, d in df.groupby("metric", sort=False):
+        ids = d["fingerprint"].map(_fingerprint_id)
+        if ids.nunique() == 1:
+            lines.append(f"{metric}: fingerprint {ids.iloc[0]}")
+            continue
+        where = "; ".join(f"{fid} <- " + ", ".join(f"{m}/{p}" for m, p in zip(g["method"], g["point"]))
+                          for fid, g in d.assign(fid=ids).groupby("fid", sort=False))
+        warnings.append(f"WARNING: rows of {metric} carry {ids.nunique()} different protocol fingerprints; "
+                        f"do not compare them: {where}")
+    return lines, warnings
+
+
+def _png(fig: Figure) -> bytes:  # a bare Figure renders with Agg: no pyplot, no global backend
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _curve_label(method: str, g) -> str:
+    return method if g is None or pd.isna(g) else f"{method}, guidance {g:g}"
+
+
+def _draw_published(ax, pub: pd.DataFrame) -> list[str]:
+    """Published points with compute as hollow markers (star: unguided, triangle: guided), one text label per model;
+    compute-less ones (UL) as one dashed line per model at its best reported setting. Returns what was drawn."""
+    drawn = []
+    for k, (label, c) in enumerate(pub[pub["train_flops"].notna()].groupby("label", sort=False)):
+        for _, p in c.iterrows():
+            guided = (pd.notna(p["guidance"]) and p["guidance"] > 1) or "autoguidance" in str(p["note"])
+            ax.scatter([p["train_flops"]], [p["value"]], marker="^" if guided else "*", s=70 if guided else 140,
+                       facecolors="none", edgecolors="black")
+            drawn.append(f"{label} (published, {p['note']})")
+        top = c.loc[c["value"].idxmax()]
+        approx = ", ~FLOPs" if c["approximate"].any() else ""
+        ax.annotate(f"{label} (published{approx})", (top["train_flops"], top["value"]), textcoords="offset points",
+                    xytext=(7, 7 * (k % 3) - 3), fontsize=6)
+    best = pub[pub["train_flops"].isna()].sort_values("value").drop_duplicates("label")  # best setting per model
+    for k, (_, p) in enumerate(best.iterrows()):
+        text = f"{p['label']} {p['value']:g} (published, {p['note']}; no training FLOPs given)"
+        ax.axhline(p["value"], linestyle="--", color="gray", linewidth=1)
+        ax.annotate(text, (0.01, p["value"]), xycoords=("axes fraction", "data"), xytext=(0, -2 if k == 0 else 2),
+                    textcoords="offset points", va="top" if k == 0 else "bottom", fontsize=6, color="dimgray")
+        drawn.append(text)
+    return drawn
+
+
+def plot_compute(df: pd.DataFrame, base: str, counts: str, published: pd.DataFrame | None, suite: str):
+    """Training FLOPs vs FID/KID, one curve per method x guidance with its CI band; published points beside them."""
+    d = df[(df["metric_base"] == base) & (df["point"] != "stage1")].copy()
+    d["x_train_flops"] = d.get(f"train_flops_{counts}")
+    d = d[d["x_train_flops"].notna()].sort_values("x_train_flops")
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.add_subplot()
+    plotted = []
+    for (method, g), c in d.groupby(["method", d["guidance"].fillna(-1.0)], sort=False):
+        g = None if g == -1.0 else g
+        line, = ax.plot(c["x_train_flops"], c["value"], marker="o", label=_curve_label(method, g))
+        ci = c["ci95"].map(lambda v: v if isinstance(v, (list, tuple)) and len(v) == 2 else (float("nan"),) * 2)
+        if c["ci95"].map(lambda v: isinstance(v, (list, tuple))).any():
+            ax.fill_between(c["x_train_flops"], [v[0] for v in ci], [v[1] for v in ci], color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+        plotted.append(c[["method", "guidance", "point", "metric", "x_train_flops", "value"]])
+    pub = published[published["metric_base"] == base] if published is not None else published
+    drawn = _draw_published(ax, pub) if pub is not None and len(pub) else []
+    if drawn:
+        ax.scatter([], [], marker="*", s=140, facecolors="none", edgecolors="black", label="published, unguided (not measured)")
+        ax.scatter([], [], marker="^", s=70, facecolors="none", edgecolors="black",
+                   label="published, guided (not measured)")
+        fig.text(0.01, -0.02, PUBLISHED_NOTE, fontsize=6, ha="left", va="top", wrap=True)
+    ax.set_xscale("log")
+    if (d["value"] > 0).all():  # KID is unbiased and can be <= 0 at small N: keep its axis linear then
+        ax.set_yscale("log")
+    ax.set_xlabel(X_LABELS[counts])
+    ax.set_ylabel(base.upper())
+    names = ", ".join(dict.fromkeys(d["metric"]))
+    ax.set_title(f"{suite}: training compute vs {base.upper()} ({names}; shaded: 95% CI)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig), pd.concat(plotted, ignore_index=True) if plotted else pd.DataFrame(), drawn
+
+
+def plot_rate_vs_quality(df: pd.DataFrame, published: pd.DataFrame | None, suite: str):
+    """rFID and PSNR vs bits/pixel of each method's stage-1 autoencoder, with UL's published c_lf sweep."""
+    s = df[df["point"] == "stage1"].pivot_table(index="method", columns="metric_base", values="value", sort=False)
+    fig = Figure(figsize=(11, 4.5))
+    drawn = []
+    pub = pd.DataFrame()
+    if published is not None:
+        pub = published[published["metric_base"].isin(["bits_per_pixel", "rfid", "psnr"])]
+        pub = pub.pivot_table(index="label", columns="metric_base", values="value", sort=False)
+    for ax, y, name in zip(fig.subplots(1, 2), ("rfid", "psnr"), ("rFID", "PSNR (dB)")):
+        if {"bits_per_pixel", y} <= set(s.columns):
+            m = s[["bits_per_pixel", y]].dropna()
+            ax.scatter(m["bits_per_pixel"], m[y], marker="o", label="measured (this run)")
+            for method, r in m.iterrows():
+                ax.annotate(method, (r["bits_per_pixel"], r[y]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        if {"bits_per_pixel", y} <= set(pub.columns):
+            p = pub[["bits_per_pixel", y]].dropna().sort_values("bits_per_pixel")
+            ax.plot(p["bits_per_pixel"], p[y], marker="D", linestyle=":", color="black", markerfacecolor="none",
+                    label="UL, ImageNet-512 (published, not measured)")
+            for label, r in p.iterrows():
+                ax.annotate(label, (r["bits_per_pixel"], r[y]), textcoords="offset points", xytext=(5, -9), fontsize=6)
+            drawn += [f"{label} (published)" for label in p.index if f"{label} (published)" not in drawn]
+        ax.set_xscale("log")
+        if y == "rfid" and ax.has_data():
+            ax.set_yscale("log")
+        ax.set_xlabel("bits per pixel (latent rate)")
+        ax.set_ylabel(name)
+        ax.set_title(f"{suite}: {name} vs rate", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if drawn:
+        fig.text(0.01, -0.02, "published: 50k ImageNet-512 reconstructions, a different fingerprint", fontsize=6)
+    return _png(fig), drawn
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def copy_grids(run_dir: Path, df: pd.DataFrame, out_dir: Path) -> tuple[dict, list[str]]:
+    """Copy each row's sample grid to ``grids/<method>_<point>.png`` (``_g<guidance>`` when a point has several)."""
+    g = df[df["grid"].notna()].drop_duplicates(["method", "point", "grid"])
+    several = g.groupby(["method", "point"])["grid"].transform("nunique") > 1
+    written, warnings = {}, []
+    for (_, r), multi in zip(g.iterrows(), several):
+        src = run_dir / r["grid"]
+        if not src.is_file():
+            warnings.append(f"missing sample grid {src} ({r['method']}/{r['point']})")
+            continue
+        suffix = f"_g{r['guidance']:g}" if multi and r["guidance"] is not None and not pd.isna(r["guidance"]) else ""
+        rel = f"grids/{_safe(r['method'])}_{_safe(r['point'])}{suffix}.png"
+        atomic_bytes(out_dir / rel, src.read_bytes())
+        written[rel] = out_dir / rel
+    return written, warnings
+
+
+def _html_page(config: dict, table: pd.DataFrame, fp_lines: list[str], warnings: list[str], pngs: dict,
+               published: pd.DataFrame | None) -> str:
+    e = html.escape
+    info = "".join(f"<li><b>{k}</b>: {e(str(config.get(k)))}</li>" for k in ("suite", "git_commit", "created_at"))
+    images = "".join(f"<h3>{e(name)}</h3><img alt='{e(name)}' src='data:image/png;base64,"
+                     f"{base64.b64encode(data).decode('ascii')}'>" for name, data in pngs.items())
+    pub = "" if published is None else ("<h2>Published reference points (not measured)</h2>" + published[
+        ["label", "metric", "value", "note", "train_flops", "approximate", "formula", "source"]].to_html(index=False))
+    warn = "".join(f"<p class='warn'>{e(w)}</p>" for w in warnings)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>ulbench report: {e(config.get('suite', ''))}"
+            "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}.warn{color:#b00;font-weight:bold}img{max-width:100%}"
+            f"</style></head><body><h1>ulbench report: {e(config.get('suite', ''))}</h1><ul>{info}</ul>{warn}"
+            f"<h2>Summary</h2>{table.to_html(index=False)}<h2>Protocol fingerprints</h2><ul>"
+            + "".join(f"<li><code>{e(line)}</code></li>" for line in fp_lines)
+            + f"</ul><h2>Figures and sample grids</h2>{images}{pub}</body></html>\n")
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+    """Write the report; returns ``paths`` (name -> Path written), ``plotted`` (the compute-plot points: method,
+    guidance, point, metric, x_train_flops, value), ``x_axis``, ``published_drawn`` (labels) and ``warnings``."""
+    run_dir = Path(run_dir)
+    config, df = load_run(run_dir)
+    resolved = config.get("resolved") or {}
+    suite = config.get("suite") or str(df["suite"].iloc[0] if "suite" in df else run_dir.parent.name)
+    counts = (resolved.get("compute") or {}).get("counts", "stage2")
+    if counts not in X_LABELS:
+        raise UserError(f"{run_dir / 'config.json'}: compute.counts is '{counts}'; expected one of {list(X_LABELS)}")
+    pub_name = (resolved.get("report") or {}).get("published")
+    published = load_published(pub_name) if pub_name else None
+    out_dir = Path(out_dir) if out_dir is not None else Path("reports") / suite
+    pngs, plotted, drawn = {}, [], []
+    for base in ("fid", "kid"):
+        if ((df["metric_base"] == base) & (df["point"] != "stage1")).any():
+            png, pts, labels = plot_compute(df, base, counts, published, suite)
+            pngs[f"compute_vs_{base}.png"], drawn = png, drawn + labels
+            plotted.append(pts)
+    if (df["point"] == "stage1").any():
+        pngs["rate_vs_quality.png"], labels = plot_rate_vs_quality(df, published, suite)
+        drawn += labels
+    paths = {}
+    for name, data in pngs.items():
+        atomic_bytes(out_dir / name, data)
+        paths[name] = out_dir / name
+    grids, warnings = copy_grids(run_dir, df, out_dir)
+    paths.update(grids)
+    pngs.update({rel: p.read_bytes() for rel, p in grids.items()})
+    table = summary_table(df)
+    fp_lines, fp_warnings = fingerprint_lines(df)
+    warnings = fp_warnings + warnings
+    flat = df.assign(**{c: df[c].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
+                        for c in ("ci95", "fingerprint", "versions") if c in df})
+    with atomic_write(out_dir / "results.csv") as f:
+        flat.to_csv(f, index=False)
+    head = (f"run `{run_dir}`, git commit `{config.get('git_commit')}`, created {config.get('created_at')}; "
+            f"train FLOPs per stage (plots use {counts}).")
+    md = [f"# ulbench report: {suite}", "", head, "",
+          markdown_table(table), "", "## Protocol fingerprints", "", *[f"- {line}" for line in fp_lines],
+          *[f"- **{w}**" for w in fp_warnings], ""]
+    if published is not None:
+        md += [f"Published reference points ({pub_name}) are drawn on the plots: {PUBLISHED_NOTE}.", ""]
+    with atomic_write(out_dir / "summary.md") as f:
+        f.write("\n".join(md))
+    with atomic_write(out_dir / "index.html") as f:
+        f.write(_html_page(config, table, fp_lines, warnings, pngs, published))
+    paths.update({n: out_dir / n for n in ("results.csv", "summary.md", "index.html")})
+    return {"paths": paths, "plotted": pd.concat(plotted, ignore_index=True) if plotted else pd.DataFrame(),
+            "x_axis": counts, "x_label": X_LABELS[counts], "published_drawn": drawn, "warnings": warnings}
+
+
+def cmd_report(args) -> None:
+    r = write_report(args.run, args.out)
+    for w in r["warnings"]:
+        print(w)
+    grids = [p for name, p in r["paths"].items() if name.startswith("grids/")]
+    for name, path in r["paths"].items():
+        if not name.startswith("grids/"):
+            print(f"wrote {path}")
+    if grids:
+        print(f"wrote {len(grids)} sample grids into {grids[0].parent}")
+    print(f"open {r['paths']['index.html']}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="plots, tables and an HTML page from a run directory",
+                       description="Write compute-vs-FID/KID and rate-vs-quality plots, sample grids, results.csv, "
+                                   "summary.md and a self-contained index.html from a (partial) run.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory (RUN/config.json, RUN/results.jsonl)")
+    p.add_argument("--out", default=None, help="output folder (default: reports/<suite>/ under the current directory)")
+    p.set_defaults(func=cmd_report)
