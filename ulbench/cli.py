@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_features)
+    __import__("ulbench.suite").suite.register(sub)  # ulbench validate
     __import__("ulbench.report").report.register(sub)  # ulbench report
     return ap
 

@@ -1,0 +1,419 @@
+"""The suite format, version 1, section by section: each ``read_*`` takes the raw (merged) YAML value of its
+section and returns the typed spec, or raises one located ``SuiteError``:
+``{file}: {key.path}: {problem} (allowed: ...); did you mean '...'?``.
+
+The file named is the one that set the key (an included file, or ``--set``), looked up in ``origins``.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ulbench.errors import UserError
+from ulbench.metrics.registry import METRICS
+
+Key = tuple  # a key path: mapping keys (str) and list indices (int), e.g. ("methods", 0, "preset")
+
+
+class SuiteError(UserError):
+    """A suite file (or a --set) that cannot be loaded: the message names the file, the key and what is allowed."""
+
+
+def dotted(path: Key) -> str:
+    """("methods", 0, "overrides", "diffusion") -> "methods[0].overrides.diffusion"."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "top level"
+
+
+def show(value: Any) -> str:
+    """A value as the user wrote it in YAML, with its type where that is the point."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"'{value}' (a string)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def did_you_mean(word: Any, choices: Sequence[str]) -> str | None:
+    matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return matches[0] if matches else None
+
+
+def to_float(value: Any) -> float | None:
+    """A finite number from an int, a float or a numeric string (PyYAML reads ``1e12`` as a string); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    try:
+        x = float(value) if isinstance(value, (int, float)) else math.nan
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+class Checker:
+    """Typed reads of a merged suite mapping; every failure names the file that set the key."""
+
+    def __init__(self, file: Path, origins: dict[Key, str]):
+        self.file, self.origins = file, origins
+
+    def where(self, path: Key) -> str:
+        for n in range(len(path), 0, -1):
+            if tuple(path[:n]) in self.origins:
+                return self.origins[tuple(path[:n])]
+        return str(self.file)
+
+    def fail(self, path: Key, problem: str, allowed: Sequence[Any] | None = None, got: Any = None) -> NoReturn:
+        msg = f"{self.where(path)}: {dotted(path)}: {problem}"
+        if allowed:
+            msg += f" (allowed: {', '.join(str(a) for a in allowed)})"
+        guess = did_you_mean(got, allowed) if allowed and got is not None else None
+        if guess is not None:
+            msg += f"; did you mean '{guess}'?"
+        raise SuiteError(msg)
+
+    def mapping(self, value: Any, path: Key, allowed: Sequence[str], required: Sequence[str] = ()) -> dict:
+        """A mapping whose keys are all in ``allowed`` and include ``required``."""
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping (keys: {', '.join(allowed)}), got {show(value)}")
+        for key in value:
+            if key not in allowed:
+                self.fail((*path, str(key)), "unknown key", allowed, got=key)
+        for key in required:
+            if key not in value:
+                self.fail((*path, key), "missing (required)")
+        return value
+
+    def integer(self, value: Any, path: Key, minimum: int) -> int:
+        """An int >= ``minimum``; integral floats and numeric strings ("5e4") are accepted, booleans are not."""
+        x = to_float(value)
+        if x is None or x != int(x):
+            self.fail(path, f"expected an integer >= {minimum}, got {show(value)}")
+        if x < minimum:
+            self.fail(path, f"must be >= {minimum}, got {int(x)}")
+        return int(x)
+
+    def number(self, value: Any, path: Key, above: float | None = None, below: float | None = None,
+               at_least: float | None = None) -> float:
+        """A finite float (numeric strings accepted) in the open/closed bounds given."""
+        x = to_float(value)
+        if x is None:
+            self.fail(path, f"expected a number, got {show(value)}")
+        if above is not None and not x > above:
+            self.fail(path, f"must be > {above:g}, got {x:g}")
+        if below is not None and not x < below:
+            self.fail(path, f"must be < {below:g}, got {x:g}")
+        if at_least is not None and not x >= at_least:
+            self.fail(path, f"must be >= {at_least:g}, got {x:g}")
+        return x
+
+    def string(self, value: Any, path: Key, pattern: str | None = None) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(path, f"expected a non-empty string, got {show(value)}")
+        if pattern is not None and not re.fullmatch(pattern, value):
+            self.fail(path, f"'{value}' is not a valid name: it must match {pattern}")
+        return value
+
+    def choice(self, value: Any, path: Key, choices: Sequence[str]) -> str:
+        if isinstance(value, str) and value not in choices:
+            self.fail(path, f"unknown value '{value}'", choices, got=value)
+        if not isinstance(value, str):
+            self.fail(path, f"expected a name, got {show(value)}", choices)
+        return value
+
+    def boolean(self, value: Any, path: Key) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"expected true or false, got {show(value)}")
+        return value
+
+    def sequence(self, value: Any, path: Key, what: str) -> list:
+        """A non-empty list."""
+        if not isinstance(value, list):
+            self.fail(path, f"expected a list of {what}, got {show(value)}")
+        if not value:
+            self.fail(path, f"expected a non-empty list of {what}, got []")
+        return value
+
+
+DATASETS = ("photos", "fashion-mnist", "folder")
+METHOD_NAME = r"[a-z0-9][a-z0-9_-]*"
+MAX_RUNGS = 1000  # a {start, factor, count} ladder longer than this is a typo, not a sweep
+# Defaults of the optional keys of the sections (required: dataset.name, dataset.resolution, methods[].name,
+# methods[].preset, compute.ladder; dataset.path when dataset.name is folder).
+DATASET_DEFAULTS = {"path": None, "split": "train", "subset": None, "class_conditional": False}
+METHOD_DEFAULTS = {"kind": "ul", "overrides": {}, "train": {}}
+STAGE1_DEFAULT = {"fraction": 0.5}
+SAMPLER_DEFAULTS = {"method": "ancestral", "steps": 50, "decoder_steps": 50}
+EVAL_DEFAULTS = {"metrics": list(METRICS), "num_samples": 200, "num_reconstructions": 200, "reference": "dataset",
+                 "reference_size": None, "sampler": SAMPLER_DEFAULTS, "guidance": [1.0], "bootstrap": 0,
+                 "kid_subset_size": 100, "resize": "legacy", "batch_size": 50}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str  # photos | fashion-mnist | folder
+    path: str | None  # the image folder (ImageFolder layout); only for name: folder
+    resolution: int
+    split: str  # train | test
+    subset: int | None  # use the first N images
+    class_conditional: bool
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    kind: str  # a key of ulbench.methods.KINDS
+    preset: str
+    overrides: dict  # nested, checked against the preset's config; values as the config holds them (lists for tuples)
+    train: dict  # stage -> {TrainConfig field: value}; never steps (they follow from the compute budgets)
+    resolution: int  # the dataset's: config() resolves the preset at it
+
+    def config(self) -> Any:
+        from ulbench.methods import get_kind
+
+        return get_kind(self.kind).resolve(self.preset, self.overrides, resolution=self.resolution)
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    ladder: tuple[float, ...]  # train FLOPs of each rung, strictly increasing
+    counts: str  # stage2: a rung's budget is final-stage FLOPs (the paper's figure); total: stage 1 included
+    stage1_fraction: float | None  # of the largest rung; exactly one of this and stage1_train_flops is set
+    stage1_train_flops: float | None
+
+    def stage1_budget(self) -> float:
+        """Stage-1 train FLOPs: trained once per method and shared by every rung."""
+        if self.stage1_train_flops is not None:
+            return self.stage1_train_flops
+        return self.stage1_fraction * self.ladder[-1]
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    metrics: tuple[str, ...]  # keys of METRICS
+    num_samples: int  # generated samples for fid/kid
+    num_reconstructions: int  # dataset images reconstructed for rfid/psnr/bits_per_pixel
+    reference: str  # "dataset" or a path (ADM .npz statistics or an image folder)
+    reference_size: int | None  # dataset images for the reference statistics; None: num_samples
+    sampler: dict  # {"method": ancestral|ddim, "steps": int, "decoder_steps": int}
+    guidance: tuple[float, ...]
+    bootstrap: int  # bootstrap repetitions for FID 95% CIs (0: none)
+    kid_subset_size: int
+    resize: str  # legacy | clean
+    batch_size: int  # feature extraction
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    train: int
+    sample: int  # sample i is drawn from seed sample + i
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    published: str | None  # published-points file to overlay, one of PUBLISHED
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def read_dataset(ck: Checker, raw: Any) -> DatasetSpec:
+    p = ("dataset",)
+    d = {**DATASET_DEFAULTS, **ck.mapping(raw, p, ("name", *DATASET_DEFAULTS, "resolution"), ("name", "resolution"))}
+    name = ck.choice(d["name"], (*p, "name"), DATASETS)
+    resolution = ck.integer(d["resolution"], (*p, "resolution"), 1)
+    if resolution % 8:
+        ck.fail((*p, "resolution"), f"must be a multiple of 8, got {resolution}")
+    if name == "folder" and d["path"] is None:
+        ck.fail((*p, "path"), "missing: name: folder reads the images of this folder (ImageFolder layout)")
+    if name != "folder" and d["path"] is not None:
+        ck.fail((*p, "path"), f"only for name: folder ({name} needs no path); remove it or set it to null")
+    return DatasetSpec(name, None if d["path"] is None else ck.string(d["path"], (*p, "path")), resolution,
+                       ck.choice(d["split"], (*p, "split"), ("train", "test")),
+                       None if d["subset"] is None else ck.integer(d["subset"], (*p, "subset"), 1),
+                       ck.boolean(d["class_conditional"], (*p, "class_conditional")))
+
+
+def read_methods(ck: Checker, raw: Any, resolution: int) -> tuple[MethodSpec, ...]:
+    methods: list[MethodSpec] = []
+    for i, item in enumerate(ck.sequence(raw, ("methods",), "methods (mappings with name, kind, preset)")):
+        m = _read_method(ck, item, ("methods", i), resolution)
+        first = next((j for j, other in enumerate(methods) if other.name == m.name), None)
+        if first is not None:
+            ck.fail(("methods", i, "name"), f"'{m.name}' is also the name of methods[{first}]; names must be unique")
+        methods.append(m)
+    return tuple(methods)
+
+
+def _read_method(ck: Checker, raw: Any, p: Key, resolution: int) -> MethodSpec:
+    from ulbench.methods import KINDS
+
+    d = {**METHOD_DEFAULTS, **ck.mapping(raw, p, ("name", *METHOD_DEFAULTS, "preset"), ("name", "preset"))}
+    name = ck.string(d["name"], (*p, "name"), METHOD_NAME)
+    kind = KINDS[ck.choice(d["kind"], (*p, "kind"), list(KINDS))]
+    preset = ck.choice(d["preset"], (*p, "preset"), list(kind.presets()))
+    overrides = _read_overrides(ck, d["overrides"], (*p, "overrides"), kind, preset, resolution)
+    return MethodSpec(name, kind.name, preset, overrides, _read_train(ck, d["train"], (*p, "train"), kind), resolution)
+
+
+def _read_overrides(ck: Checker, raw: Any, p: Key, kind: Any, preset: str, resolution: int) -> dict:
+    from ulbench.methods.base import OverrideError
+
+    if not isinstance(raw, dict):
+        ck.fail(p, f"expected a mapping of {preset}'s config fields, got {show(raw)}")
+    if "resolution" in raw:
+        ck.fail((*p, "resolution"), "comes from dataset.resolution; remove it here")
+    raw = _numbers_like(kind.presets()[preset], raw)
+    try:
+        config = kind.resolve(preset, raw, resolution=resolution)
+    except OverrideError as e:
+        _override_fail(ck, p, e)
+    except (ValueError, TypeError) as e:  # the kind's own check of the resolved config
+        ck.fail(p, str(e))
+    return _canonical(config, raw)
+
+
+def _read_train(ck: Checker, raw: Any, p: Key, kind: Any) -> dict:
+    from ul_model.train import TrainConfig
+    from ulbench.methods.base import OverrideError, apply_overrides
+
+    out = {}
+    for stage, settings in ck.mapping(raw, p, kind.stages).items():
+        if isinstance(settings, dict) and "steps" in settings:
+            ck.fail((*p, stage, "steps"), "not settable: each stage's steps follow from compute.ladder and "
+                    "compute.stage1 (train FLOPs / measured FLOPs per step)")
+        settings = _numbers_like(TrainConfig(), settings)
+        try:
+            out[stage] = _canonical(apply_overrides(TrainConfig(), settings), settings)
+        except OverrideError as e:
+            e.allowed = [a for a in e.allowed if a != "steps"]
+            _override_fail(ck, (*p, stage), e)
+    return out
+
+
+def _override_fail(ck: Checker, prefix: Key, e: Any) -> NoReturn:
+    parts = tuple(e.key.split(".")) if e.key != "overrides" else ()
+    ck.fail((*prefix, *parts), e.problem, e.allowed, got=parts[-1] if e.allowed and parts else None)
+
+
+def _numbers_like(config: Any, overrides: Any) -> Any:
+    """``overrides`` with numeric strings (YAML reads ``1e-3`` as a string) turned into the int or float that the
+    config's field holds; anything else is left for apply_overrides to judge."""
+    if not (is_dataclass(config) and isinstance(overrides, dict)):
+        return overrides
+    names = {f.name for f in fields(config)}
+    out = {}
+    for key, value in overrides.items():
+        current = getattr(config, key) if key in names else None
+        if is_dataclass(current):
+            out[key] = _numbers_like(current, value)
+        elif isinstance(current, tuple) and current and isinstance(value, list):
+            out[key] = [_number_like(v, current[0]) for v in value]
+        else:
+            out[key] = _number_like(value, current)
+    return out
+
+
+def _number_like(value: Any, current: Any) -> Any:
+    if not isinstance(value, str) or isinstance(current, bool) or not isinstance(current, (int, float)):
+        return value
+    x = to_float(value)
+    if x is None:
+        return value
+    return x if isinstance(current, float) else (int(x) if x == int(x) else value)
+
+
+def _canonical(config: Any, overrides: dict) -> dict:
+    """The overridden fields as the resolved config holds them (floats for float fields; lists for tuples)."""
+    return {k: _canonical(getattr(config, k), v) if is_dataclass(getattr(config, k)) else plain(getattr(config, k))
+            for k, v in overrides.items()}
+
+
+def read_compute(ck: Checker, raw: Any) -> ComputeSpec:
+    p = ("compute",)
+    d = ck.mapping(raw, p, ("ladder", "counts", "stage1"), required=("ladder",))
+    ladder = _read_ladder(ck, d["ladder"], (*p, "ladder"))
+    counts = ck.choice(d.get("counts", "stage2"), (*p, "counts"), ("stage2", "total"))
+    s1 = ck.mapping(d.get("stage1", STAGE1_DEFAULT), (*p, "stage1"), ("fraction", "train_flops"))
+    if len(s1) != 1:
+        ck.fail((*p, "stage1"), f"give exactly one of fraction (of the largest rung) or train_flops, got "
+                f"{' and '.join(s1) or 'neither'}")
+    spec = ComputeSpec(ladder, counts,
+                       ck.number(s1["fraction"], (*p, "stage1", "fraction"), above=0, below=1)
+                       if "fraction" in s1 else None,
+                       ck.number(s1["train_flops"], (*p, "stage1", "train_flops"), above=0)
+                       if "train_flops" in s1 else None)
+    if counts == "total" and spec.stage1_budget() >= ladder[0]:
+        ck.fail((*p, "stage1"), f"the stage-1 budget {spec.stage1_budget():.3g} train FLOPs is not below the smallest "
+                f"rung compute.ladder[0] = {ladder[0]:.3g}; with counts: total every rung includes stage 1, so "
+                "lower compute.stage1 or use counts: stage2")
+    return spec
+
+
+def _read_ladder(ck: Checker, raw: Any, p: Key) -> tuple[float, ...]:
+    """A list of budgets, or {start, factor, count} -> start * factor**i for i < count."""
+    if isinstance(raw, dict):
+        d = ck.mapping(raw, p, ("start", "factor", "count"), required=("start", "factor", "count"))
+        start = ck.number(d["start"], (*p, "start"), above=0)
+        factor = ck.number(d["factor"], (*p, "factor"), above=1)
+        count = ck.integer(d["count"], (*p, "count"), 1)
+        if count > MAX_RUNGS:
+            ck.fail((*p, "count"), f"must be <= {MAX_RUNGS}, got {count}")
+        if math.log10(start) + (count - 1) * math.log10(factor) > 300:
+            ck.fail(p, f"the last rung {start:g} * {factor:g}**{count - 1} is beyond a float's range")
+        return tuple(start * factor**i for i in range(count))
+    items = ck.sequence(raw, p, "train FLOP budgets (or a mapping {start, factor, count})")
+    budgets = tuple(ck.number(x, (*p, i), above=0) for i, x in enumerate(items))
+    for i in range(1, len(budgets)):
+        if budgets[i] <= budgets[i - 1]:
+            ck.fail((*p, i), f"{budgets[i]:.3g} is not above compute.ladder[{i - 1}] = {budgets[i - 1]:.3g}; the "
+                    "ladder must be strictly increasing")
+    return budgets
+
+
+def read_evaluation(ck: Checker, raw: Any) -> EvalSpec:
+    p = ("evaluation",)
+    d = {**EVAL_DEFAULTS, **ck.mapping(raw, p, tuple(EVAL_DEFAULTS))}
+    metrics = ck.sequence(d["metrics"], (*p, "metrics"), "metric names")
+    for i, m in enumerate(metrics):
+        ck.choice(m, (*p, "metrics", i), list(METRICS))
+        if m in metrics[:i]:
+            ck.fail((*p, "metrics", i), f"'{m}' is listed twice")
+    s = {**SAMPLER_DEFAULTS, **ck.mapping(d["sampler"], (*p, "sampler"), tuple(SAMPLER_DEFAULTS))}
+    sampler = {"method": ck.choice(s["method"], (*p, "sampler", "method"), ("ancestral", "ddim")),
+               "steps": ck.integer(s["steps"], (*p, "sampler", "steps"), 1),
+               "decoder_steps": ck.integer(s["decoder_steps"], (*p, "sampler", "decoder_steps"), 1)}
+    guidance = ck.sequence(d["guidance"], (*p, "guidance"), "guidance scales")
+    return EvalSpec(
+        metrics=tuple(metrics), num_samples=ck.integer(d["num_samples"], (*p, "num_samples"), 1),
+        num_reconstructions=ck.integer(d["num_reconstructions"], (*p, "num_reconstructions"), 1),
+        reference=ck.string(d["reference"], (*p, "reference")),
+        reference_size=None if d["reference_size"] is None else ck.integer(d["reference_size"],
+                                                                            (*p, "reference_size"), 1),
+        sampler=sampler, guidance=tuple(ck.number(g, (*p, "guidance", i), at_least=0) for i, g in enumerate(guidance)),
+        bootstrap=ck.integer(d["bootstrap"], (*p, "bootstrap"), 0),
+        kid_subset_size=ck.integer(d["kid_subset_size"], (*p, "kid_subset_size"), 1),
+        resize=ck.choice(d["resize"], (*p, "resize"), ("legacy", "clean")),
+        batch_size=ck.integer(d["batch_size"], (*p, "batch_size"), 1))
