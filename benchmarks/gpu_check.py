@@ -4,7 +4,8 @@ Prepared to run as one command on a lent GPU (bf16 autocast, optional torch.comp
     torchrun --nproc-per-node 1 benchmarks/gpu_check.py --preset ul-small --batch-size 8 --steps 10 --compile
 On CPU it runs the same code on the smallest real case (used by the tests):
     python benchmarks/gpu_check.py --preset ul-tiny --device cpu --steps 3 --batch-size 4
-MFU = measured training FLOPs per step (FlopCounterMode on a real forward+backward) x steps / time / peak FLOP/s.
+MFU = measured training FLOPs per step (ulbench.flops.measure_step: FlopCounterMode on a real forward+backward,
+attention included) x steps / time / peak FLOP/s.
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import json
 import tempfile
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ul_model.config import PRESETS
 from ul_model.model import UnifiedLatents
 from ul_model.train import TrainConfig, distributed, train
+from ulbench.flops import measure_step
+from ulbench.methods.base import StepInputs
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets, SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -33,15 +35,14 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
 
 
 def train_flops_per_step(model: UnifiedLatents, batch: tuple, device: torch.device, precision: str) -> int:
-    """FLOPs of one real forward+backward step, counted by FlopCounterMode (the count follows the code)."""
+    """FLOPs of one real forward+backward step: ulbench.flops.measure_step (FlopCounterMode, attention counted)."""
     from ul_model.train import autocast
 
-    with FlopCounterMode(display=False) as counter:
+    def loss_fn(net, b):
         with autocast(device, precision):
-            loss = model(*batch)["loss"].float().mean()
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+            return {"loss": net(*b)["loss"].float()}
+
+    return measure_step(StepInputs(model, loss_fn, batch)).train_flops
 
 
 def check_stage(stage: int, args, device: torch.device) -> dict:

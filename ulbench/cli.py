@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_features)
     __import__("ulbench.suite").suite.register(sub)  # ulbench validate
     __import__("ulbench.report").report.register(sub)  # ulbench report
+    __import__("ulbench.flops").flops.register(sub)  # ulbench flops
     return ap
 
 
