@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from ulbench.check import compare, write_baseline
 from ulbench.sweep import start_run
 

@@ -90,7 +90,7 @@ def test_gpu_check_script_runs_on_the_smallest_case():
     spec.loader.exec_module(mod)
     results = mod.main(["--preset", "ul-tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
                         "--batch-size", "2", "--peak-tflops", "1"])
-    assert [r["stage"] for r in results] == [1, 2]
+    assert [r["stage"] for r in results] == ["stage1", "stage2"]
     for r in results:
         assert r["images_per_s"] > 0 and r["train_flops_per_image"] > 0 and 0 < r["mfu"] < 1
     # Stage 1 trains three networks on 32x32 images; stage 2 one network on a 4x8x8 latent: more FLOPs per image.

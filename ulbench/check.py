@@ -94,7 +94,7 @@ def format_comparison(entries: list[dict]) -> str:
     head = f"{'method':10s} {'point':7s} {'metric':16s} {'baseline':>11s} {'current':>11s} {'delta':>10s} " \
            f"{'allowed':>9s}  status"
     lines = [head, "-" * len(head)]
-    num = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    num = lambda v: "-" if v is None else f"{v:.4g}"
     for e in entries:
         g = "" if e["guidance"] is None else f" g={e['guidance']:g}"
         lines.append(f"{e['method']:10s} {e['point']:7s} {e['metric'] + g:16s} {num(e['baseline']):>11s} "

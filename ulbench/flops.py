@@ -146,13 +146,14 @@ def method_flops(preset: str, resolution: int | None = None, overrides: dict | N
     kind = kind_of_preset(preset)
     config = kind.resolve(preset, overrides or {}, resolution=resolution)
     result: dict[str, dict] = {}
-    for stage in kind.stages:
+    stages = kind.stages_for(config)
+    for stage in stages:
         torch.manual_seed(0)
         step = kind.step_inputs(config, stage, batch_size, device)
         counts = measure_step(step)
         result[stage] = {key: getattr(counts, key) for key in STAGE_KEYS[:-1]}
         result[stage]["trainable_params"] = trainable_params(step.module)
-    result["total"] = {key: sum(result[s][key] for s in kind.stages) for key in STAGE_KEYS}
+    result["total"] = {key: sum(result[s][key] for s in stages) for key in STAGE_KEYS}
     return result
 
 

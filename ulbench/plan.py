@@ -67,15 +67,15 @@ def _steps_for(budget: float, flops_per_step: float) -> int:
 
 def plan_method(suite, method) -> MethodPlan:
     from ul_model.train import TrainConfig
-
     from ulbench.flops import measure_step, trainable_params
     from ulbench.methods.base import apply_overrides
 
     kind = get_kind(method.kind)
     config = method.config()
-    runner_train = {stage: {"seed": suite.seeds.train, **method.train.get(stage, {})} for stage in kind.stages}
+    stages = kind.stages_for(config)
+    runner_train = {stage: {"seed": suite.seeds.train, **method.train.get(stage, {})} for stage in stages}
     flops, macs, params, batch = {}, {}, {}, {}
-    for stage in kind.stages:
+    for stage in stages:
         step = kind.step_inputs(config, stage, FLOP_COUNT_BATCH, "meta")
         counted = measure_step(step)
         flops[stage], macs[stage] = counted.train_flops_per_image, counted.forward_macs_per_image
@@ -84,10 +84,10 @@ def plan_method(suite, method) -> MethodPlan:
     budgets = list(suite.budgets)
     stage1_steps = None
     s1_flops = 0.0
-    if len(kind.stages) == 2:
+    if "stage1" in stages:
         stage1_steps = _steps_for(suite.compute.stage1_budget(), flops["stage1"] * batch["stage1"])
         s1_flops = stage1_steps * flops["stage1"] * batch["stage1"]
-    final = kind.stages[-1]
+    final = stages[-1]
     rung_steps = []
     for i, b in enumerate(budgets):
         b2 = b - s1_flops if suite.compute.counts == "total" else b
@@ -101,7 +101,7 @@ def plan_method(suite, method) -> MethodPlan:
             raise UserError(f"{suite.file}: compute.ladder[{i}]: budgets {budgets[i - 1]:.3g} and {budgets[i]:.3g} "
                             f"both round to {rung_steps[i]} steps of {method.name} (batch {batch[final]}); spread "
                             "the ladder or lower the batch size")
-    return MethodPlan(method.name, method.kind, method.preset, config, runner_train, tuple(kind.stages), flops,
+    return MethodPlan(method.name, method.kind, method.preset, config, runner_train, tuple(stages), flops,
                       macs, params, batch, stage1_steps, rung_steps)
 
 
@@ -165,11 +165,11 @@ def _duration(seconds: float) -> str:
 
 def format_plan(suite, plans: list[MethodPlan], device: str) -> str:
     ev = suite.evaluation
-    lines = [f"suite {suite.name} ({suite.file}): dataset {suite.dataset.name} {suite.dataset.resolution}px, "
-             f"device {device}, precision {suite.precision}",
+    lines = [(f"suite {suite.name} ({suite.file}): dataset {suite.dataset.name} {suite.dataset.resolution}px, "
+             f"device {device}, precision {suite.precision}"),
              f"ladder ({suite.compute.counts} training FLOPs): " + ", ".join(f"{b:.3g}" for b in suite.budgets),
-             f"evaluation: {', '.join(ev.metrics)}; {ev.num_samples} samples, {ev.num_reconstructions} "
-             f"reconstructions, guidance {list(ev.guidance)}, reference {ev.reference}"]
+             (f"evaluation: {', '.join(ev.metrics)}; {ev.num_samples} samples, {ev.num_reconstructions} "
+             f"reconstructions, guidance {list(ev.guidance)}, reference {ev.reference}")]
     for p in plans:
         lines.append(f"method {p.name}: kind {p.kind}, preset {p.preset}")
         for stage in p.stages:

@@ -29,6 +29,9 @@ class UL:
             cfg = replace(cfg, num_classes=num_classes)
         return cfg
 
+    def stages_for(self, config: Any) -> tuple[str, ...]:
+        return self.stages
+
     def step_inputs(self, config: Any, stage: str, batch_size: int, device: str | torch.device) -> StepInputs:
         """A real training step of one stage on random inputs of the right shape (stage 2: latents + labels)."""
         from ul_model.model import UnifiedLatents
