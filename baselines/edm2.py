@@ -96,8 +96,8 @@ EDM2_PRESETS: dict[str, EDM2Config] = {
     "edm2-l": _img512("edm2-l", 320, 0.0080, 0.1, 1792 * 2**20 / 1e6),
     "edm2-xl": _img512("edm2-xl", 384, 0.0070, 0.1, 1280 * 2**20 / 1e6),
     "edm2-xxl": _img512("edm2-xxl", 448, 0.0065, 0.1, 896 * 2**20 / 1e6),
-    # CPU-sized [choice]: 4x8x8 latents, 10 classes, 200 steps (the tested run) take ~25 s on 2 busy cores. Label dropout so the
-    # same-network guidance of generate() has a trained unconditional branch; no warm-up or decay at this scale.
+    # CPU-sized [choice]: 4x8x8 latents, 10 classes; 200 steps (the tested run) take ~25 s on 2 busy cores. Label
+    # dropout so the same-network guidance of generate() has a trained unconditional branch; no warm-up or decay.
     "edm2-tiny": EDM2Config(
         name="edm2-tiny", model_channels=32, latent_resolution=8, label_dim=10, label_dropout=0.1,
         channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), channels_per_head=32, logvar_channels=32,
