@@ -116,9 +116,14 @@ class Sweep:
         ev = self.suite.evaluation
         if ev.reference != "dataset":
             return ev.reference
-        path = self.run_dir / "reference.npz"
+        return self.dataset_images(ev.reference_size or ev.num_samples)
+
+    def dataset_images(self, n: int) -> str:
+        """The first n dataset images as an ADM .npz in the run directory: a file source, so its Inception
+        statistics are cached once for every method and rung (reference set, rFID originals)."""
+        path = self.run_dir / f"dataset_first{n}.npz"
         if not path.is_file():
-            save_images(self.data.uint8(ev.reference_size or ev.num_samples), path)
+            save_images(self.data.uint8(n), path)
         return str(path)
 
     def row(self, plan: MethodPlan, point: str, rung: int | None, metric: str, value: float, n: int,
@@ -155,7 +160,7 @@ class Sweep:
         grid = str((folder / "grid.png").relative_to(self.run_dir))
         rows = []
         if "rfid" in wanted:
-            r = self.evaluator.fid(recon, originals, bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
+            r = self.evaluator.fid(recon, self.dataset_images(n), bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
             rows.append(self.row(plan, "stage1", None, "rfid", r["fid"], r["n"], r["fingerprint"],
                                  time.perf_counter() - t0, ci95=r.get("fid_ci95"), grid=grid))
         if "psnr" in wanted:
@@ -195,12 +200,15 @@ class Sweep:
             images = self.generate(plan, runner, g, folder / f"samples_g{g:g}.npz")
             save_grid(images, folder / f"grid_g{g:g}.png")
             grid = str((folder / f"grid_g{g:g}.png").relative_to(self.run_dir))
+            # Inception once per sample set: FID and KID both come from these features and the reference's
+            a = self.evaluator.set_stats(images, keep_features=True)
+            b = self.evaluator.set_stats(self.reference(), keep_features="kid" in wanted)
             if "fid" in wanted:
-                r = self.evaluator.fid(images, self.reference(), bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
+                r = self.evaluator.fid_from_stats(a, b, bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
                 rows.append(self.row(plan, point, rung, "fid", r["fid"], r["n"], r["fingerprint"],
                                      time.perf_counter() - t0, ci95=r.get("fid_ci95"), guidance=g, grid=grid))
             if "kid" in wanted:
-                r = self.evaluator.kid(images, self.reference(), subset_size=ev.kid_subset_size)
+                r = self.evaluator.kid_from_stats(a, b, subset_size=ev.kid_subset_size)
                 rows.append(self.row(plan, point, rung, "kid", r["kid_mean"], r["n"], r["fingerprint"],
                                      time.perf_counter() - t0, std=r["kid_std"], guidance=g, grid=grid))
         return rows

@@ -123,16 +123,17 @@ def cmd_reconstruct(args) -> None:
 
 
 def cmd_ls_presets(args) -> None:
-    from ul_model.config import PRESETS
-    from ul_model.model import UnifiedLatents
+    """Every kind's presets: image resolution, latent shape, trainable parameters per stage (built on meta)."""
+    from ulbench.flops import trainable_params
+    from ulbench.methods import KINDS
 
-    for name, cfg in PRESETS.items():
-        with torch.device("meta"):
-            m = UnifiedLatents(cfg)
-        counts = {k: sum(p.numel() for p in getattr(m, k).parameters()) for k in ("encoder", "prior", "decoder", "base")}
-        parts = "  ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
-        print(f"{name:10s} {cfg.resolution}px latent {'x'.join(map(str, cfg.latent_shape))}  {parts}  "
-              f"total {sum(counts.values()) / 1e6:.2f}M")
+    for kind in KINDS.values():
+        for name in kind.presets():
+            cfg = kind.resolve(name, {})
+            params = {s: trainable_params(kind.step_inputs(cfg, s, 1, "meta").module) for s in kind.stages_for(cfg)}
+            parts = "  ".join(f"{s} {v / 1e6:.2f}M" for s, v in params.items())
+            print(f"{kind.name:5s} {name:10s} {cfg.resolution:4d}px latent {'x'.join(map(str, cfg.latent_shape)):9s} "
+                  f"{parts}  total {sum(params.values()) / 1e6:.2f}M")
 
 
 def add_train_args(p) -> None:

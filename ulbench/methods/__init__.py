@@ -4,10 +4,11 @@ The harness knows methods only by kind name; each kind module adapts one model f
 """
 from __future__ import annotations
 
+from ulbench.methods import ldm
 from ulbench.methods.base import MethodKind, StepInputs
 from ulbench.methods.ul import UL
 
-KINDS: dict[str, MethodKind] = {k.name: k for k in (UL(),)}
+KINDS: dict[str, MethodKind] = {k.name: k for k in (UL(), *ldm.kinds())}
 
 
 def get_kind(name: str) -> MethodKind:

@@ -6,6 +6,7 @@ through ``MethodKind.runner``, which returns an object with the ``Runner`` metho
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,6 @@ class StepInputs:
 class Runner(Protocol):
     """A method being trained in ``workdir``: stages in order, each resumable and extendable to more steps."""
 
-    def batch_size(self, stage: str) -> int: ...
     def trained_steps(self, stage: str) -> int: ...
     def train(self, stage: str, steps: int, resume: bool) -> None: ...
     def sample(self, seeds: list[int], labels: torch.Tensor | None, sampler: dict, guidance: float) -> torch.Tensor: ...
@@ -94,3 +94,13 @@ def apply_overrides(config: Any, overrides: dict, prefix: str = "") -> Any:
         else:
             changes[key] = _coerce(value, current, path)
     return dataclasses.replace(config, **changes)
+
+
+def stage_train_config(overrides: dict[str, dict], stage: str, steps: int, precision: str):
+    """ul_model's TrainConfig for one stage trained to ``steps``: the suite's settings for the stage on top of the
+    defaults. A sweep always checkpoints where it stops (every rung is evaluated from its checkpoint), so
+    ``checkpoint_every <= 0`` means "only there"."""
+    from ul_model.train import TrainConfig
+
+    cfg = apply_overrides(TrainConfig(steps=steps, precision=precision), overrides.get(stage, {}))
+    return cfg if cfg.checkpoint_every > 0 else dataclasses.replace(cfg, checkpoint_every=steps)

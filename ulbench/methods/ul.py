@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ulbench.methods.base import StepInputs, apply_overrides
+from ulbench.methods.base import StepInputs, apply_overrides, stage_train_config
 
 
 class UL:
@@ -61,12 +61,7 @@ class ULRunner:
         self._models: dict[str, Any] = {}
 
     def train_config(self, stage: str, steps: int):
-        from ul_model.train import TrainConfig
-
-        return apply_overrides(TrainConfig(steps=steps, precision=self.precision), self.train_overrides.get(stage, {}))
-
-    def batch_size(self, stage: str) -> int:
-        return self.train_config(stage, 1).batch_size
+        return stage_train_config(self.train_overrides, stage, steps, self.precision)
 
     def train(self, stage: str, steps: int, resume: bool = True) -> None:
         """Train ``stage`` up to ``steps`` in total: continues from the stage's latest checkpoint when there is one."""

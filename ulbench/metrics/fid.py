@@ -106,6 +106,9 @@ class ImageEvaluator:
     def fid(self, spec_a, spec_b, bootstrap: int = 0, seed: int = 0, limit: int | None = None) -> dict:
         a = self.set_stats(spec_a, keep_features=bootstrap > 0, limit=limit)
         b = self.set_stats(spec_b, limit=limit)
+        return self.fid_from_stats(a, b, bootstrap, seed)
+
+    def fid_from_stats(self, a: SetStats, b: SetStats, bootstrap: int = 0, seed: int = 0) -> dict:
         out = {"fid": frechet_distance(a.moments, b.moments), "n": a.moments.n, "fingerprint": self.fingerprint(a, b)}
         if bootstrap > 0:
             lo, hi, bias = bootstrap_frechet(a.features, b.moments, bootstrap, seed=seed)
@@ -118,6 +121,10 @@ class ImageEvaluator:
             seed: int = 2020, limit: int | None = None) -> dict:
         a = self.set_stats(spec_a, keep_features=True, limit=limit)
         b = self.set_stats(spec_b, keep_features=True, limit=limit)
+        return self.kid_from_stats(a, b, subsets, subset_size, seed)
+
+    def kid_from_stats(self, a: SetStats, b: SetStats, subsets: int = KID_SUBSETS,
+                       subset_size: int = KID_SUBSET_SIZE, seed: int = 2020) -> dict:
         size = min(subset_size, a.moments.n, b.moments.n)
         # torch-fidelity's own KID (polynomial kernel, degree 3, unbiased MMD over random subsets).
         from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric

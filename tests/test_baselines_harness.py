@@ -1,0 +1,95 @@
+"""Baselines through the harness's one interface: presets and FLOPs via `ulbench flops`, a suite that trains UL,
+SD-latent+DiT and SD-latent+EDM2 side by side on real photo crops, and a user's diffusers VAE folder as a frozen
+first stage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+from ulbench.flops import method_flops
+from ulbench.methods import KINDS, kind_of_preset
+from ulbench.sweep import start_run
+
+SUITE = """
+version: 1
+name: side-by-side
+dataset: {name: photos, resolution: 32, subset: 256}
+methods:
+  - {name: ul, kind: ul, preset: ul-tiny,
+     train: {stage1: {batch_size: 16, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1},
+             stage2: {batch_size: 32, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1}}}
+  - {name: sd-dit, kind: dit, preset: dit-tiny,
+     train: {stage1: {batch_size: 16, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1},
+             stage2: {batch_size: 32, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1}}}
+  - {name: sd-edm2, kind: edm2, preset: edm2-tiny,
+     train: {stage1: {batch_size: 16, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1},
+             stage2: {batch_size: 32, lr: 1.0e-2, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1}}}
+compute:
+  ladder: [5.0e10, 1.0e11]
+  stage1: {train_flops: 2.0e11}
+evaluation:
+  metrics: [fid, psnr, bits_per_pixel]
+  num_samples: 16
+  num_reconstructions: 16
+  sampler: {method: ancestral, steps: 6, decoder_steps: 6}
+"""
+
+
+def test_every_kind_is_registered_with_its_presets():
+    assert {"ul", "dit", "edm2"} <= set(KINDS)
+    assert kind_of_preset("dit-xl-2").name == "dit" and kind_of_preset("edm2-s").name == "edm2"
+    r = run_cli("ls", "presets")
+    assert r.returncode == 0 and "dit-xl-2" in r.stdout and "edm2-xxl" in r.stdout
+
+
+def test_flops_cli_reproduces_dit_xl2_published_forward_cost():
+    # DiT's published 118.64 G multiply-adds per forward at 256x256 (latent 32x32x4), through the harness's path
+    stage2 = method_flops("dit-xl-2", resolution=256)["stage2"]
+    assert stage2["forward_macs_per_image"] / 1e9 == pytest.approx(118.64, rel=0.01)
+    r = run_cli("flops", "dit-xl-2", "--resolution", "256", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["stage2"]["forward_macs_per_image"] / 1e9 == pytest.approx(118.64, rel=0.01)
+
+
+def test_suite_trains_ul_and_both_baselines_side_by_side(tmp_path):
+    (tmp_path / "s.yaml").write_text(SUITE)
+    run = start_run(str(tmp_path / "s.yaml"), [], tmp_path / "runs", "r", progress=False)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    for method in ("ul", "sd-dit", "sd-edm2"):
+        mine = [r for r in rows if r["method"] == method]
+        assert {(r["point"], r["metric_base"]) for r in mine} == {
+            ("stage1", "psnr"), ("stage1", "bits_per_pixel"), ("b0", "fid"), ("b1", "fid")}, method
+        assert all(torch.isfinite(torch.tensor(r["value"])) for r in mine)
+        b1 = next(r for r in mine if r["point"] == "b1")
+        assert b1["train_flops"]["stage1"] > 0 and b1["train_flops"]["stage2"] >= 1.0e11
+        # each baseline's own training reduced its loss (first three logged steps vs last three)
+        for stage in ("stage1", "stage2") if method != "ul" else ():
+            log = [json.loads(line)["loss"] for line in (run / "methods" / method / stage / "metrics.jsonl")
+                   .read_text().splitlines()]
+            assert sum(log[-3:]) < 0.8 * sum(log[:3]), (method, stage, log)
+    import numpy as np
+
+    with np.load(run / "methods/sd-dit/points/b1/samples_g1.npz") as z:
+        assert z["arr_0"].shape == (16, 32, 32, 3) and z["arr_0"].dtype == np.uint8 and z["arr_0"].std() > 1
+
+
+def test_a_users_diffusers_vae_folder_is_a_frozen_first_stage(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=32,
+                        layers_per_block=1)
+    vae.save_pretrained(tmp_path / "vae")
+    kind = kind_of_preset("dit-tiny")
+    cfg = kind.resolve("dit-tiny", {"vae": {"pretrained": str(tmp_path / "vae")}}, resolution=32)
+    assert kind.stages_for(cfg) == ("stage2",)  # nothing to train in stage 1, no stage-1 FLOPs
+    runner = kind.runner(cfg, {}, tmp_path / "w", "cpu", "fp32", torch.zeros(2, 3, 32, 32), torch.zeros(2), False)
+    loaded = runner.vae()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
+    assert not any(p.requires_grad for p in loaded.parameters())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert runner.reconstruct(x, [0, 1], {}).shape == x.shape
