@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from ul_model.io import atomic_bytes
 from ulbench.errors import UserError
@@ -187,6 +188,7 @@ def plot_compute(df: pd.DataFrame, base: str, counts: str, published: pd.DataFra
                    label="published, guided (not measured)")
         fig.text(0.01, -0.02, PUBLISHED_NOTE, fontsize=6, ha="left", va="top", wrap=True)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     if (d["value"] > 0).all():  # KID is unbiased and can be <= 0 at small N: keep its axis linear then
         ax.set_yscale("log")
     ax.set_xlabel(X_LABELS[counts])
@@ -221,6 +223,7 @@ def plot_rate_vs_quality(df: pd.DataFrame, published: pd.DataFrame | None, suite
                 ax.annotate(label, (r["bits_per_pixel"], r[y]), textcoords="offset points", xytext=(5, -9), fontsize=6)
             drawn += [f"{label} (published)" for label in p.index if f"{label} (published)" not in drawn]
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels collide on short log ranges
         if y == "rfid" and ax.has_data():
             ax.set_yscale("log")
         ax.set_xlabel("bits per pixel (latent rate)")

@@ -8,6 +8,7 @@ points whose rows are stored and continues training from the latest checkpoint.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import subprocess
@@ -83,6 +84,15 @@ def save_images(images_uint8: np.ndarray, path: Path) -> None:
         np.savez(f, arr_0=images_uint8)
 
 
+def stable_fingerprint(fp: dict, reference: str) -> dict:
+    """A metric's fingerprint with the reference named by what it is (``reference``) rather than by a file path
+    inside this run directory, so two runs of one suite carry the same protocol id."""
+    fp = {**fp, "reference": reference, "inputs": [fp.get("inputs", ["?"])[0], reference]}
+    fp["id"] = hashlib.sha256(json.dumps({k: v for k, v in fp.items() if k not in ("inputs", "id")}, sort_keys=True,
+                                         default=str).encode()).hexdigest()[:16]
+    return fp
+
+
 def _sample_labels(n: int, first: int, suite, num_classes: int) -> torch.Tensor:
     """Class-conditional suites draw class ``i mod classes`` for sample i (balanced). Unconditional suites train
     every image under the one label 0 (``load_suite_dataset``), so they sample under it too."""
@@ -117,6 +127,17 @@ class Sweep:
         if ev.reference != "dataset":
             return ev.reference
         return self.dataset_images(ev.reference_size or ev.num_samples)
+
+    def fingerprint(self, fp: dict, n: int | None = None) -> dict:
+        """A metric's fingerprint; a reference drawn from the dataset (the first n images, n defaulting to the
+        reference size) is named by dataset and count, not by its file in this run directory. A user's reference
+        file keeps the evaluator's description (path and sha256)."""
+        ev, d = self.suite.evaluation, self.suite.dataset
+        if n is None and ev.reference != "dataset":
+            return fp
+        n = n or ev.reference_size or ev.num_samples
+        return stable_fingerprint(fp, f"dataset {d.name}{':' + d.path if d.path else ''} {d.split} first {n} "
+                                      f"at {d.resolution}px")
 
     def dataset_images(self, n: int) -> str:
         """The first n dataset images as an ADM .npz in the run directory: a file source, so its Inception
@@ -161,7 +182,8 @@ class Sweep:
         rows = []
         if "rfid" in wanted:
             r = self.evaluator.fid(recon, self.dataset_images(n), bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
-            rows.append(self.row(plan, "stage1", None, "rfid", r["fid"], r["n"], r["fingerprint"],
+            fp = self.fingerprint(r["fingerprint"], n)
+            rows.append(self.row(plan, "stage1", None, "rfid", r["fid"], r["n"], fp,
                                  time.perf_counter() - t0, ci95=r.get("fid_ci95"), grid=grid))
         if "psnr" in wanted:
             p = psnr_per_image(originals, recon)
@@ -205,11 +227,13 @@ class Sweep:
             b = self.evaluator.set_stats(self.reference(), keep_features="kid" in wanted)
             if "fid" in wanted:
                 r = self.evaluator.fid_from_stats(a, b, bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
-                rows.append(self.row(plan, point, rung, "fid", r["fid"], r["n"], r["fingerprint"],
+                fp = self.fingerprint(r["fingerprint"])
+                rows.append(self.row(plan, point, rung, "fid", r["fid"], r["n"], fp,
                                      time.perf_counter() - t0, ci95=r.get("fid_ci95"), guidance=g, grid=grid))
             if "kid" in wanted:
                 r = self.evaluator.kid_from_stats(a, b, subset_size=ev.kid_subset_size)
-                rows.append(self.row(plan, point, rung, "kid", r["kid_mean"], r["n"], r["fingerprint"],
+                fp = self.fingerprint(r["fingerprint"])
+                rows.append(self.row(plan, point, rung, "kid", r["kid_mean"], r["n"], fp,
                                      time.perf_counter() - t0, std=r["kid_std"], guidance=g, grid=grid))
         return rows
 
