@@ -41,8 +41,10 @@ def test_train_sample_reconstruct_cli(tmp_path):
 def test_ls_presets_prints_parameter_counts():
     r = run_cli("ls", "presets")
     assert r.returncode == 0
-    lines = {line.split()[0]: line for line in r.stdout.splitlines()}
-    assert {"ul-tiny", "ul-small", "ul-medium"} <= lines.keys() and "32x32x32" in lines["ul-small"]
+    lines = {line.split()[1]: line for line in r.stdout.splitlines()}
+    assert {"ul-tiny", "ul-small", "ul-medium", "dit-xl-2", "edm2-s"} <= lines.keys()
+    assert "32x32x32" in lines["ul-small"] and "total 711.09M" in lines["ul-small"]
+    assert "4x64x64" in lines["edm2-s"] and "stage2 280.21M" in lines["edm2-s"]
 
 
 def _write_idx(path, arr):
