@@ -93,3 +93,14 @@ def test_a_users_diffusers_vae_folder_is_a_frozen_first_stage(tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert runner.reconstruct(x, [0, 1], {}).shape == x.shape
+
+
+def test_a_missing_vae_folder_is_reported_before_anything_trains(tmp_path):
+    from ulbench.errors import UserError
+
+    suite = SUITE.replace("{name: sd-dit, kind: dit, preset: dit-tiny,",
+                          "{name: sd-dit, kind: dit, preset: dit-tiny, overrides: {vae: {pretrained: /no/such/vae}},")
+    (tmp_path / "s.yaml").write_text(suite)
+    with pytest.raises(UserError, match=r"s\.yaml: methods\[1\] \(sd-dit\): VAE folder /no/such/vae"):
+        start_run(str(tmp_path / "s.yaml"), [], tmp_path / "runs", "r", progress=False)
+    assert not (tmp_path / "runs" / "side-by-side" / "r" / "methods").exists()

@@ -230,7 +230,8 @@ def plot_rate_vs_quality(df: pd.DataFrame, published: pd.DataFrame | None, suite
         ax.set_ylabel(name)
         ax.set_title(f"{suite}: {name} vs rate", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel with no rows (metric not asked for) has nothing to name
+            ax.legend(fontsize=7)
     if drawn:
         fig.text(0.01, -0.02, "published: 50k ImageNet-512 reconstructions, a different fingerprint", fontsize=6)
     return _png(fig), drawn

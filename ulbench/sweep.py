@@ -274,6 +274,17 @@ def _setup_logging(run_dir: Path) -> None:
     log.setLevel(logging.INFO)
 
 
+def check_method_files(suite, plans: list[MethodPlan]) -> None:
+    """Files a method needs (e.g. a user's VAE folder) are checked before anything trains."""
+    for i, p in enumerate(plans):
+        check = getattr(get_kind(p.kind), "check_files", None)
+        if check is not None:
+            try:
+                check(p.config)
+            except UserError as e:
+                raise UserError(f"{suite.file}: methods[{i}] ({p.name}): {e}") from None
+
+
 def start_run(suite_file: str, sets: list[str], runs_root: Path, name: str | None, progress: bool = True) -> Path:
     """A new run directory with its config.json, then the sweep."""
     from ulbench.suite import check_paths
@@ -287,6 +298,7 @@ def start_run(suite_file: str, sets: list[str], runs_root: Path, name: str | Non
                         "pass another --name")
     _setup_logging(run_dir)
     plans = make_plan(suite)
+    check_method_files(suite, plans)
     config = {"suite": suite.name, "suite_file": str(suite_file), "sets": list(sets), "resolved": suite.to_dict(),
               "methods": {p.name: {"kind": p.kind, "preset": p.preset, "config": _jsonable(p.config),
                                    "train": p.train, "flops_per_image": p.flops_per_image,

@@ -92,6 +92,13 @@ class LDM:
             bb = _with_classes(bb, num_classes)
         return replace(cfg, backbone=bb)
 
+    def check_files(self, config: LDMConfig) -> None:
+        """Before any training: a user's VAE folder must exist and hold a save_pretrained layout."""
+        if config.vae.pretrained:
+            from baselines.kl_vae import _check_folder
+
+            _check_folder(Path(config.vae.pretrained).expanduser())
+
     def stages_for(self, config: LDMConfig) -> tuple[str, ...]:
         return ("stage2",) if config.vae.pretrained else self.stages
 
