@@ -62,3 +62,14 @@ def run_cli(*args: str, env: dict | None = None):
 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "ulbench.cli", *args], capture_output=True, text=True, env=full_env)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: on 2 shared cores two threads measured 10-50x slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -73,13 +73,7 @@ def test_published_compute_and_params():
     assert macs / 1e9 == pytest.approx(524.6, rel=0.01)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 16-token models: intra-op threads only add synchronisation; on 2 shared cores 2 threads measured 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_step_flops_on_meta():

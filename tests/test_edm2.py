@@ -43,13 +43,7 @@ def switch_on(net):
     return net
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The 2 test cores are shared: two intra-op threads on a busy machine run ~10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", [*PUBLISHED_PARAMS, "edm2-xl"])

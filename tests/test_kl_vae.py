@@ -169,15 +169,6 @@ MEAN_COLOUR_MARGIN_DB = 2.0
 MISMATCH_MARGIN_DB = 8.0
 
 
-@pytest.fixture
-def one_thread():
-    # 2 cores shared with other workers: 2 intra-op threads measured 3-10x slower per step than 1 under that load
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return psnr_per_image(*(quantize_images(t).permute(0, 2, 3, 1).numpy() for t in (a, b)))
 
