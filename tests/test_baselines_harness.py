@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import run_cli
 
+from ulbench.data import MemoryDataset
 from ulbench.flops import method_flops
 from ulbench.methods import KINDS, kind_of_preset
+from ulbench.methods.base import TrainData
 from ulbench.sweep import start_run
 
 SUITE = """
@@ -87,7 +89,8 @@ def test_a_users_diffusers_vae_folder_is_a_frozen_first_stage(tmp_path):
     kind = kind_of_preset("dit-tiny")
     cfg = kind.resolve("dit-tiny", {"vae": {"pretrained": str(tmp_path / "vae")}}, resolution=32)
     assert kind.stages_for(cfg) == ("stage2",)  # nothing to train in stage 1, no stage-1 FLOPs
-    runner = kind.runner(cfg, {}, tmp_path / "w", "cpu", "fp32", torch.zeros(2, 3, 32, 32), torch.zeros(2), False)
+    data = TrainData(MemoryDataset("zeros", torch.zeros(2, 3, 32, 32), torch.zeros(2), 1))
+    runner = kind.runner(cfg, {}, tmp_path / "w", "cpu", "fp32", data, False)
     loaded = runner.vae()
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
     assert not any(p.requires_grad for p in loaded.parameters())

@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from ul_model.config import PRESETS
-from ul_model.stages import load_run, train_stage1, train_stage2
-from ul_model.train import TrainConfig, step_batches, train
-from ulbench.data import load_dataset
+from ul_model.stages import image_input, load_run, stage2_model, train_stage1, train_stage2
+from ul_model.train import TrainConfig, train
+from ulbench.data import MemoryDataset, load_dataset
+from ulbench.data.loader import train_batches
+from ulbench.methods.base import TrainData, latent_training_set
+
+
+def _batches(ds, cfg):
+    return lambda start: train_batches(ds, cfg.batch_size, cfg.seed, start)
 
 
 @pytest.fixture(scope="module")
@@ -20,22 +26,22 @@ def _losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_step_batches_are_deterministic_in_the_step(photos):
-    it = step_batches(photos.images, photos.labels, 700, seed=3)
+def test_batches_are_deterministic_in_the_step(photos):
+    it = train_batches(photos, 700, seed=3)
     batches = [next(it)[0] for _ in range(5)]  # crosses epoch boundaries (2048 images)
-    again = next(step_batches(photos.images, photos.labels, 700, seed=3, start=3))[0]
+    again = next(train_batches(photos, 700, seed=3, start=3))[0]
     assert torch.equal(batches[3], again)
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(photos, tmp_path):
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, log_every=1, checkpoint_every=3, ema_decay=0.9)
-    x, y = photos.images[:64], photos.labels[:64]
-    train_stage1(PRESETS["ul-tiny"], x, y, cfg, tmp_path / "straight", progress=False)
+    ds = MemoryDataset("photos", photos.images[:64], photos.labels_tensor[:64], 1)
+    train_stage1(PRESETS["ul-tiny"], _batches(ds, cfg), cfg, tmp_path / "straight", progress=False)
     # Interrupted: the first run stops at step 3 (its checkpoint), then a new process-like call resumes.
     from dataclasses import replace
 
-    train_stage1(PRESETS["ul-tiny"], x, y, replace(cfg, steps=3), tmp_path / "split", progress=False)
-    train_stage1(PRESETS["ul-tiny"], x, y, cfg, tmp_path / "split", resume=True, progress=False)
+    train_stage1(PRESETS["ul-tiny"], _batches(ds, cfg), replace(cfg, steps=3), tmp_path / "split", progress=False)
+    train_stage1(PRESETS["ul-tiny"], _batches(ds, cfg), cfg, tmp_path / "split", resume=True, progress=False)
     a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
     assert len(a) == len(b) == 6
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=0)
@@ -62,7 +68,7 @@ def test_tiny_end_to_end_on_real_photos(photos, tmp_path):
     # Stage 1 on 2048 real photo crops at 32x32 (about two minutes on 2 cores), then stage 2, then samples.
     cfg1 = TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20, log_every=50, checkpoint_every=400,
                        ema_decay=0.99)
-    log = train_stage1(PRESETS["ul-tiny"], photos.images, photos.labels, cfg1, tmp_path / "s1", progress=False)
+    log = train_stage1(PRESETS["ul-tiny"], _batches(photos, cfg1), cfg1, tmp_path / "s1", progress=False)
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     assert all(0 < r["bits_per_pixel"] for r in log)
     x = photos.images[:64]
@@ -71,9 +77,16 @@ def test_tiny_end_to_end_on_real_photos(photos, tmp_path):
     assert paired > RECON_PSNR_MIN and paired > shuffled + RECON_MARGIN_DB, (paired, shuffled)
     cfg2 = TrainConfig(steps=100, batch_size=64, lr=1e-3, warmup_steps=10, log_every=25, checkpoint_every=100,
                        ema_decay=0.99)
-    log2 = train_stage2(tmp_path / "s1", photos.images, photos.labels, cfg2, tmp_path / "s2", progress=False)
+    model = stage2_model(tmp_path / "s1", seed=cfg2.seed)
+    ckpt = tmp_path / "s1" / json.loads((tmp_path / "s1" / "latest.json").read_text())["checkpoint"]
+    from ulbench.assets import sha256_file
+
+    latents = latent_training_set(tmp_path / "s2" / "latents", "ul z_clean", sha256_file(ckpt / "ema.safetensors"),
+                                  lambda x: model.encoder(image_input(x)), TrainData(photos), progress=False)
+    with torch.no_grad():  # the cache holds exactly the frozen encoder's z_clean of each image
+        torch.testing.assert_close(latents[5][0], model.encoder(photos.images[5:6])[0], rtol=1e-5, atol=1e-6)
+    log2 = train_stage2(model, _batches(latents, cfg2), cfg2, tmp_path / "s2", tmp_path / "s1", progress=False)
     assert log2[-1]["loss"] < log2[0]["loss"]
-    assert (tmp_path / "s2" / "latents.safetensors").is_file()
     model, meta = load_run(tmp_path / "s2")
     assert meta["stage"] == 2
     x = model.generate([0, 1, 2, 3], None, steps=20, decoder_steps=20)
@@ -116,7 +129,8 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
     for compile_ in (False, True):
         torch.manual_seed(0)
         model = UnifiedLatents(cfg).set_stage(2)
-        log = train(model, lambda net, b: net(*b), lambda s: step_batches(z, y, 8, 0, s),
+        ds = MemoryDataset("latents", z, y, cfg.num_classes)
+        log = train(model, lambda net, b: net(*b), lambda s: train_batches(ds, 8, 0, s),
                     replace(tcfg, compile=compile_), tmp_path / str(compile_), progress=False)
         losses[compile_] = [r["loss"] for r in log]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

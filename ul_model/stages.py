@@ -1,24 +1,23 @@
 """Stage 1 and Stage 2 runs: a run directory holds config.json, checkpoints and metrics.jsonl.
 
-Stage 2 loads the stage-1 run's EMA weights, freezes encoder and decoder, encodes the training images once into
-``latents.safetensors`` (z_clean and labels) and trains the base model on those cached latents.
+Both stages take their data as ``batches(start_step)``, any iterator of batches (ul_model knows no datasets): stage 1
+(images, labels), stage 2 (z_clean, labels) of the frozen stage-1 encoder, which the caller caches once
+(``stage2_model`` gives the model whose ``encoder`` to use).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
-from tqdm.auto import tqdm
+from safetensors.torch import load_file
 
 from ul_model.config import BaseModelConfig, DecoderConfig, DiffusionConfig, EncoderConfig, TransformerConfig, ULConfig
-from ul_model.io import atomic_bytes, atomic_write
+from ul_model.io import atomic_write
 from ul_model.model import UnifiedLatents
-from ul_model.train import TrainConfig, step_batches, train
-
-ENCODE_BATCH = 64
+from ul_model.train import TrainConfig, train
 
 
 def _config_from_dict(d: dict) -> ULConfig:
@@ -48,45 +47,38 @@ def load_run(run: str | Path, weights: str = "ema") -> tuple[UnifiedLatents, dic
     return model.eval(), meta
 
 
-def train_stage1(cfg: ULConfig, images: torch.Tensor, labels: torch.Tensor, tcfg: TrainConfig, out: str | Path,
-                 resume: bool = False, device: str = "cpu", progress: bool = True, data_name: str = "") -> list[dict]:
+def image_input(x: torch.Tensor) -> torch.Tensor:
+    """Training images as the networks take them: uint8 batches (streamed datasets) map to [-1, 1] on the device."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
+
+
+def train_stage1(cfg: ULConfig, batches: Callable[[int], Iterator[tuple]], tcfg: TrainConfig, out: str | Path,
+                 resume: bool = False, device: str = "cpu", progress: bool = True, data: dict | None = None
+                 ) -> list[dict]:
+    """``batches(start_step)`` yields (images, labels) from that step on: images (B, 3, R, R) uint8 or in [-1, 1]."""
     out = Path(out)
     torch.manual_seed(tcfg.seed)
     model = UnifiedLatents(cfg).set_stage(1)
-    write_run_config(out, cfg, 1, {"train": asdict(tcfg), "data": data_name})
-    return train(model, lambda net, b: net(b[0]),
-                 lambda start: step_batches(images, labels, tcfg.batch_size, tcfg.seed, start),
-                 tcfg, out, resume=resume, device=device, progress=progress)
+    write_run_config(out, cfg, 1, {"train": asdict(tcfg), "data": data or {}})
+    return train(model, lambda net, b: net(image_input(b[0])), batches, tcfg, out, resume=resume, device=device,
+                 progress=progress)
 
 
-@torch.no_grad()
-def cache_latents(model: UnifiedLatents, images: torch.Tensor, labels: torch.Tensor, path: Path,
-                  device: str = "cpu", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_clean of every training image, computed once and stored as safetensors (reused if present)."""
-    if path.is_file():
-        cached = load_file(str(path))
-        if cached["z"].shape[0] == images.shape[0]:
-            return cached["z"], cached["labels"]
-    enc = model.encoder.to(device).eval()
-    zs = [enc(images[i: i + ENCODE_BATCH].to(device)).cpu()
-          for i in tqdm(range(0, len(images), ENCODE_BATCH), disable=not progress, desc="encode latents")]
-    z = torch.cat(zs).contiguous()
-    atomic_bytes(path, save({"z": z, "labels": labels.contiguous()}))
-    return z, labels
-
-
-def train_stage2(stage1_run: str | Path, images: torch.Tensor, labels: torch.Tensor, tcfg: TrainConfig,
-                 out: str | Path, base: BaseModelConfig | None = None, resume: bool = False, device: str = "cpu",
-                 progress: bool = True, data_name: str = "") -> list[dict]:
-    out = Path(out)
+def stage2_model(stage1_run: str | Path, base: BaseModelConfig | None = None, seed: int = 0) -> UnifiedLatents:
+    """A stage-2 model: the stage-1 run's EMA encoder, prior and decoder (frozen) and a fresh base model."""
     stage1, _ = load_run(stage1_run, "ema")
     cfg = replace(stage1.cfg, base=base) if base is not None else stage1.cfg
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(seed)
     model = UnifiedLatents(cfg)
     model.load_state_dict({k: v for k, v in stage1.state_dict().items() if not k.startswith("base.")}, strict=False)
-    model.set_stage(2)
-    z, y = cache_latents(model, images, labels, out / "latents.safetensors", device, progress)
-    write_run_config(out, cfg, 2, {"train": asdict(tcfg), "stage1": str(stage1_run), "data": data_name})
-    return train(model, lambda net, b: net(b[0], b[1]),
-                 lambda start: step_batches(z, y, tcfg.batch_size, tcfg.seed, start),
-                 tcfg, out, resume=resume, device=device, progress=progress)
+    return model.set_stage(2)
+
+
+def train_stage2(model: UnifiedLatents, batches: Callable[[int], Iterator[tuple]], tcfg: TrainConfig,
+                 out: str | Path, stage1_run: str | Path, resume: bool = False, device: str = "cpu",
+                 progress: bool = True, data: dict | None = None) -> list[dict]:
+    """``batches(start_step)`` yields (z_clean, labels): latents of the frozen encoder (``model.encoder``)."""
+    out = Path(out)
+    write_run_config(out, model.cfg, 2, {"train": asdict(tcfg), "stage1": str(stage1_run), "data": data or {}})
+    return train(model, lambda net, b: net(b[0], b[1]), batches, tcfg, out, resume=resume, device=device,
+                 progress=progress)

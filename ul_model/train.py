@@ -162,20 +162,3 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, tuple], dict[str, torc
             raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}")
     bar.close()
     return log
-
-
-def step_batches(x: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batch k = slice k of the concatenated per-epoch permutations (seeded by seed and epoch): deterministic in
-    the step, so a run resumed at step k sees exactly the batches an uninterrupted run would."""
-    n = x.shape[0]
-    step = start
-    while True:
-        first = step * batch_size
-        idx: list[int] = []
-        while len(idx) < batch_size:
-            epoch, offset = divmod(first + len(idx), n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-            idx.extend(perm[offset: offset + batch_size - len(idx)].tolist())
-        yield x[idx], labels[idx]
-        step += 1

@@ -84,6 +84,15 @@ def cmd_bench_features(args) -> None:
     print(json.dumps(r) if args.json else "\n".join(f"{k}: {v}" for k, v in r.items()))
 
 
+def cmd_bench_data(args) -> None:
+    from ulbench.bench_data import bench_data, format_result
+
+    r = bench_data(n=args.n, resolutions=args.resolutions, workers=args.workers, batch_size=args.batch_size,
+                   batches=args.batches, memory_sizes=args.memory_sizes, encode_images=args.encode_images,
+                   workdir=args.workdir)
+    print(json.dumps(r) if args.json else format_result(r))
+
+
 EXAMPLES = {
     "fid": """examples:
   ulbench eval fid samples/ reference/                 # two image folders (png/jpg, recursive)
@@ -117,6 +126,9 @@ EXAMPLES = {
     "features": """examples:
   ulbench bench features photos:0 --n 200
   ulbench bench features my_images/ --n 500 --json""",
+    "bench-data": """examples:
+  ulbench bench data                                   # 5000 photos at 256 and 512, memory at 1k vs 10k images
+  ulbench bench data --n 400 --resolutions 64 --memory-sizes 100 400 --workdir /tmp/bd --json""",
 }
 
 
@@ -232,9 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_features)
+    p = _sub(bsub, "data", "Time the prepared-dataset loader against ImageFolder + DataLoader on JPEGs; memory; "
+             "latent-cache encoding", "bench-data")
+    p.add_argument("--n", type=int, default=5000, help="JPEG photo crops per resolution")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of both loaders (and of prepare)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=None, help="timed batches (default: one epoch less the warm-up)")
+    p.add_argument("--memory-sizes", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--encode-images", type=int, default=64, help="images the KL-f8 encoder caches (0: skip)")
+    p.add_argument("--workdir", default=None, help="keep the trees and zips here and reuse them (default: a temp dir)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_data)
     __import__("ulbench.suite").suite.register(sub)  # ulbench validate
     __import__("ulbench.report").report.register(sub)  # ulbench report
     __import__("ulbench.flops").flops.register(sub)  # ulbench flops
+    __import__("ulbench.data_cli").data_cli.register(sub)  # ulbench data prepare
     return ap
 
 

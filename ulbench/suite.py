@@ -278,8 +278,9 @@ def _read_suite(ck: Checker, data: dict) -> Suite:
 
 def check_paths(suite: Suite) -> None:
     """The dataset folder and a reference path exist here (``ulbench run`` checks this before training)."""
-    checks = [("dataset.path", suite.dataset.path, "your images (ImageFolder layout)")] if (
-        suite.dataset.name == "folder") else []
+    want = {"prepared": "a dataset written by `ulbench data prepare` (folder or .zip)",
+            "folder": "your images (ImageFolder layout)"}
+    checks = [("dataset.path", suite.dataset.path, want[suite.dataset.name])] if suite.dataset.path else []
     if suite.evaluation.reference != "dataset":
         checks.append(("evaluation.reference", suite.evaluation.reference,
                        "ADM .npz statistics or an image folder, or reference: dataset"))

@@ -152,12 +152,14 @@ class Checker:
         return value
 
 
-DATASETS = ("photos", "fashion-mnist", "folder")
+DATASETS = ("photos", "fashion-mnist", "prepared", "folder")
+PATH_DATASETS = ("prepared", "folder")  # the ones read from dataset.path
 METHOD_NAME = r"[a-z0-9][a-z0-9_-]*"
 MAX_RUNGS = 1000  # a {start, factor, count} ladder longer than this is a typo, not a sweep
 # Defaults of the optional keys of the sections (required: dataset.name, dataset.resolution, methods[].name,
-# methods[].preset, compute.ladder; dataset.path when dataset.name is folder).
-DATASET_DEFAULTS = {"path": None, "split": "train", "subset": None, "class_conditional": False}
+# methods[].preset, compute.ladder; dataset.path when dataset.name is prepared or folder).
+DATASET_DEFAULTS = {"path": None, "split": "train", "subset": None, "class_conditional": False, "xflip": False,
+                    "workers": 0}
 METHOD_DEFAULTS = {"kind": "ul", "overrides": {}, "train": {}}
 STAGE1_DEFAULT = {"fraction": 0.5}
 SAMPLER_DEFAULTS = {"method": "ancestral", "steps": 50, "decoder_steps": 50}
@@ -168,12 +170,14 @@ EVAL_DEFAULTS = {"metrics": list(METRICS), "num_samples": 200, "num_reconstructi
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    name: str  # photos | fashion-mnist | folder
-    path: str | None  # the image folder (ImageFolder layout); only for name: folder
+    name: str  # photos | fashion-mnist | prepared | folder
+    path: str | None  # prepared: `ulbench data prepare` output (folder or .zip); folder: an ImageFolder tree
     resolution: int
     split: str  # train | test
     subset: int | None  # use the first N images
     class_conditional: bool
+    xflip: bool  # train on mirrored copies too (EDM2's xflip: 2N images; latent caches keep both)
+    workers: int  # DataLoader worker processes for training batches and latent caching (0: in the main process)
 
 
 @dataclass(frozen=True)
@@ -246,14 +250,17 @@ def read_dataset(ck: Checker, raw: Any) -> DatasetSpec:
     resolution = ck.integer(d["resolution"], (*p, "resolution"), 1)
     if resolution % 8:
         ck.fail((*p, "resolution"), f"must be a multiple of 8, got {resolution}")
-    if name == "folder" and d["path"] is None:
-        ck.fail((*p, "path"), "missing: name: folder reads the images of this folder (ImageFolder layout)")
-    if name != "folder" and d["path"] is not None:
-        ck.fail((*p, "path"), f"only for name: folder ({name} needs no path); remove it or set it to null")
+    if name in PATH_DATASETS and d["path"] is None:
+        what = "a folder or .zip written by `ulbench data prepare`" if name == "prepared" else \
+            "the images of this folder (ImageFolder layout), ADM-cropped on the fly"
+        ck.fail((*p, "path"), f"missing: name: {name} reads {what}")
+    if name not in PATH_DATASETS and d["path"] is not None:
+        ck.fail((*p, "path"), f"only for name: prepared or folder ({name} needs no path); remove it or set it to null")
     return DatasetSpec(name, None if d["path"] is None else ck.string(d["path"], (*p, "path")), resolution,
                        ck.choice(d["split"], (*p, "split"), ("train", "test")),
                        None if d["subset"] is None else ck.integer(d["subset"], (*p, "subset"), 1),
-                       ck.boolean(d["class_conditional"], (*p, "class_conditional")))
+                       ck.boolean(d["class_conditional"], (*p, "class_conditional")),
+                       ck.boolean(d["xflip"], (*p, "xflip")), ck.integer(d["workers"], (*p, "workers"), 0))
 
 
 def read_methods(ck: Checker, raw: Any, resolution: int) -> tuple[MethodSpec, ...]:

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from ulbench.errors import UserError
 from ulbench.io import atomic_write, write_json
+from ulbench.data.base import to_float, to_uint8
 from ulbench.methods import get_kind
+from ulbench.methods.base import TrainData
 from ulbench.metrics.images import quantize_images
 from ulbench.plan import MethodPlan, make_plan, resolve_device
 from ulbench.suite import METRICS, load_suite
@@ -130,22 +132,24 @@ class Sweep:
 
     def fingerprint(self, fp: dict, n: int | None = None) -> dict:
         """A metric's fingerprint; a reference drawn from the dataset (the first n images, n defaulting to the
-        reference size) is named by dataset and count, not by its file in this run directory. A user's reference
-        file keeps the evaluator's description (path and sha256)."""
+        reference size) is named by the dataset's content fingerprint and the count, not by a path, so reruns
+        compare and a changed image does not. A user's reference file keeps the evaluator's description."""
         ev, d = self.suite.evaluation, self.suite.dataset
         if n is None and ev.reference != "dataset":
             return fp
         n = n or ev.reference_size or ev.num_samples
-        return stable_fingerprint(fp, f"dataset {d.name}{':' + d.path if d.path else ''} {d.split} first {n} "
+        return stable_fingerprint(fp, f"dataset {d.name} sha256:{self.data.fingerprint()[:16]} {d.split} first {n} "
                                       f"at {d.resolution}px")
 
-    def dataset_images(self, n: int) -> str:
-        """The first n dataset images as an ADM .npz in the run directory: a file source, so its Inception
-        statistics are cached once for every method and rung (reference set, rFID originals)."""
-        path = self.run_dir / f"dataset_first{n}.npz"
-        if not path.is_file():
-            save_images(self.data.uint8(n), path)
-        return str(path)
+    def dataset_images(self, n: int):
+        """The first n dataset images, streamed (reference set, rFID originals); their Inception statistics are
+        cached by the dataset's fingerprint, once for every method, rung and run."""
+        from ulbench.metrics.images import dataset_source
+
+        if n > len(self.data):
+            raise UserError(f"{self.suite.file}: evaluation asks for the first {n} dataset images, "
+                            f"{self.data.name} has {len(self.data)}")
+        return dataset_source(self.data, n)
 
     def row(self, plan: MethodPlan, point: str, rung: int | None, metric: str, value: float, n: int,
             fingerprint: dict, wall_s: float, ci95=None, std=None, guidance=None, grid=None) -> dict:
@@ -167,14 +171,16 @@ class Sweep:
         ev, wanted = self.suite.evaluation, set(self.suite.evaluation.metrics)
         t0, n = time.perf_counter(), ev.num_reconstructions
         folder = self.run_dir / "methods" / plan.name / "points" / "stage1"
-        x = self.data.images[:n]
-        originals = self.data.uint8(n)
-        recon_parts, bits = [], []
-        for lo in tqdm(range(0, n, SAMPLE_BATCH), desc=f"{plan.name} reconstruct", disable=not self.progress):
-            xb = x[lo: lo + SAMPLE_BATCH]
+        recon_parts, originals, bits = [], [], []
+        batches = self.data.batches(n, SAMPLE_BATCH)
+        for lo, (xb, _) in zip(tqdm(range(0, n, SAMPLE_BATCH), desc=f"{plan.name} reconstruct",
+                                    disable=not self.progress), batches):
+            xb = to_float(xb)
             seeds = [self.suite.seeds.sample + i for i in range(lo, lo + len(xb))]
             recon_parts.append(quantize_images(runner.reconstruct(xb, seeds, ev.sampler)).permute(0, 2, 3, 1).cpu())
+            originals.append(to_uint8(xb).permute(0, 2, 3, 1))
             bits.append(runner.bits_per_pixel(xb, self.suite.seeds.sample + lo))
+        originals = torch.cat(originals).numpy()
         recon = torch.cat(recon_parts).numpy()
         save_images(recon, folder / "reconstructions.npz")
         save_grid(np.concatenate([originals[:GRID_IMAGES // 2], recon[:GRID_IMAGES // 2]]), folder / "grid.png")
@@ -240,8 +246,11 @@ class Sweep:
     def run_method(self, plan: MethodPlan) -> None:
         kind = get_kind(plan.kind)
         workdir = self.run_dir / "methods" / plan.name
-        runner = kind.runner(plan.config, plan.train, workdir, self.device, self.suite.precision,
-                             self.data.images, self.data.labels, self.progress)
+        d = self.suite.dataset
+        data = TrainData(self.data, xflip=d.xflip, workers=d.workers,
+                         source=str(Path(d.path).expanduser().resolve()) if d.path else d.name)
+        runner = kind.runner(plan.config, plan.train, workdir, self.device, self.suite.precision, data,
+                             self.progress)
         if plan.stage1_steps:
             log.info("%s: stage1 to step %d", plan.name, plan.stage1_steps)
             runner.train("stage1", plan.stage1_steps, resume=True)

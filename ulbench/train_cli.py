@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
+from ulbench.data.base import XFlip
 from ulbench.errors import UserError
+from ulbench.methods.base import TrainData, latent_training_set, training_batches
 
 SAMPLE_BATCH = 16
 
@@ -32,34 +34,56 @@ def _check_out(out: Path, resume: bool) -> None:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
-def cmd_train_stage1(args) -> None:
-    from ul_model.stages import train_stage1
+def _train_data(spec: str, resolution: int, args) -> TrainData:
     from ulbench.data import load_dataset
 
+    if not spec:
+        raise UserError("no dataset: pass --data (photos, fashion-mnist, a prepared dataset or an image folder)")
+    ds = load_dataset(spec, resolution)
+    source = spec if spec in ("photos", "fashion-mnist") else str(Path(spec).expanduser().resolve())
+    return TrainData(ds, xflip=args.xflip, workers=args.workers, source=source)
+
+
+def _recorded_spec(meta: dict) -> str:
+    """The dataset spec a run directory recorded (older runs stored the spec string itself)."""
+    data = meta.get("data") or ""
+    return data.get("spec", "") if isinstance(data, dict) else data
+
+
+def cmd_train_stage1(args) -> None:
+    from ul_model.stages import train_stage1
+
     cfg = _preset(args.preset)
-    ds = load_dataset(args.data, cfg.resolution)
+    data = _train_data(args.data, cfg.resolution, args)
     _check_out(Path(args.out), args.resume)
-    if ds.num_classes > cfg.num_classes:
-        raise UserError(f"{args.data} has {ds.num_classes} classes but preset {cfg.name} embeds {cfg.num_classes}")
-    log = train_stage1(cfg, ds.images, ds.labels, _train_config(args), args.out, resume=args.resume,
-                       device=args.device, data_name=args.data)
+    if data.dataset.num_classes > cfg.num_classes:
+        raise UserError(f"{args.data} has {data.dataset.num_classes} classes but preset {cfg.name} embeds "
+                        f"{cfg.num_classes}")
+    tcfg = _train_config(args)
+    images = XFlip(data.dataset) if data.xflip else data.dataset
+    log = train_stage1(cfg, training_batches(images, tcfg, data.workers, args.device), tcfg, args.out,
+                       resume=args.resume, device=args.device, data=data.record())
     print(json.dumps(log[-1] if log else {"step": "already finished"}))
 
 
 def cmd_train_stage2(args) -> None:
-    from ul_model.stages import load_run, train_stage2
-    from ulbench.data import load_dataset
+    from ul_model.stages import image_input, load_run, stage2_model, train_stage2
+    from ulbench.assets import sha256_file
 
     try:
         _, meta = load_run(args.stage1)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
-    data = args.data or meta.get("data")
-    base = _preset(args.preset).base if args.preset else None
-    ds = load_dataset(data, meta["model"]["resolution"])
+    data = _train_data(args.data or _recorded_spec(meta), meta["model"]["resolution"], args)
     _check_out(Path(args.out), args.resume)
-    log = train_stage2(args.stage1, ds.images, ds.labels, _train_config(args), args.out, base=base,
-                       resume=args.resume, device=args.device, data_name=data)
+    tcfg = _train_config(args)
+    model = stage2_model(args.stage1, _preset(args.preset).base if args.preset else None, seed=tcfg.seed)
+    encoder = model.encoder.to(args.device).eval()
+    stage1_ckpt = Path(args.stage1) / json.loads((Path(args.stage1) / "latest.json").read_text())["checkpoint"]
+    latents = latent_training_set(Path(args.out) / "latents", "ul z_clean", sha256_file(stage1_ckpt / "ema.safetensors"),
+                                  lambda x: encoder(image_input(x.to(args.device))), data, progress=True)
+    log = train_stage2(model, training_batches(latents, tcfg, data.workers, args.device), tcfg, args.out,
+                       args.stage1, resume=args.resume, device=args.device, data=data.record())
     print(json.dumps(log[-1] if log else {"step": "already finished"}))
 
 
@@ -110,12 +134,16 @@ def cmd_sample(args) -> None:
 
 def cmd_reconstruct(args) -> None:
     from ulbench.data import load_dataset
+    from ulbench.data.base import to_float
 
     model, meta = _load(args.run, args.device)
-    ds = load_dataset(args.data or meta.get("data"), model.cfg.resolution)
+    spec = args.data or _recorded_spec(meta)
+    if not spec:
+        raise UserError(f"{args.run} records no dataset; pass --data")
+    ds = load_dataset(spec, model.cfg.resolution)
     out = Path(args.out)
-    for lo in range(0, args.n, SAMPLE_BATCH):
-        x = ds.images[lo: min(lo + SAMPLE_BATCH, args.n)].to(args.device)
+    for lo, (x, _) in zip(range(0, args.n, SAMPLE_BATCH), ds.batches(args.n, SAMPLE_BATCH)):
+        x = to_float(x).to(args.device)
         r = model.reconstruct(x, [args.seed + i for i in range(lo, lo + len(x))], steps=args.steps)
         _save_pngs(x, out / "originals", lo)
         _save_pngs(r, out / "reconstructions", lo)
@@ -149,5 +177,7 @@ def add_train_args(p) -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--xflip", action="store_true", help="train on mirrored copies too (EDM2's xflip)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: main process)")
 
 

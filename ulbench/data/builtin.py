@@ -1,17 +1,17 @@
-"""Training data for `ulbench train`: Fashion-MNIST (Debian package), bundled photo crops, an image folder.
+"""The small built-in sets, held in memory: Fashion-MNIST (Debian package) and crops of the bundled photos.
 
-Every dataset is a float tensor (N, 3, R, R) in [-1, 1] with integer labels; ``step_batches`` draws batch k from an
-epoch permutation seeded by (seed, epoch), so a resumed run sees exactly the batches it would have seen.
+Each is a ``MemoryDataset`` (float (N, 3, R, R) in [-1, 1], integer labels) behind the same interface as the
+streamed sets, so the same loader, latent cache and sweep serve both.
 """
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ulbench.data.base import MemoryDataset
 from ulbench.errors import UserError
 from ulbench.metrics.images import _decode, list_images, photo_crops
 
@@ -22,22 +22,6 @@ PHOTO_TRAIN_CROPS = 2048
 PHOTO_SEED = 12345  # train crops: a seed distinct from the evaluation examples' photos:0 / photos:1
 
 
-@dataclass
-class Dataset:
-    name: str
-    images: torch.Tensor  # (N, 3, R, R) float32 in [-1, 1]
-    labels: torch.Tensor  # (N,) int64
-    num_classes: int
-
-    @property
-    def resolution(self) -> int:
-        return self.images.shape[-1]
-
-    def uint8(self, n: int) -> np.ndarray:
-        """First n images as uint8 NHWC (for metrics against generated samples)."""
-        return ((self.images[:n] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
@@ -46,7 +30,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> Dataset:
+def fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> MemoryDataset:
     prefix = {"train": "train", "test": "t10k"}[split]
     img, lab = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
     if not img.is_file() or not lab.is_file():
@@ -54,17 +38,17 @@ def fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> Datas
                         f"`{FASHION_MNIST_INSTALL}` (Debian/Ubuntu), or pass --data FOLDER with your own images.")
     x = torch.from_numpy(_read_idx(img).copy()).float()[:, None] / 127.5 - 1  # (N, 1, 28, 28)
     x = torch.nn.functional.pad(x, (FASHION_MNIST_PAD,) * 4, value=-1.0).expand(-1, 3, -1, -1).contiguous()
-    return Dataset("fashion-mnist", x, torch.from_numpy(_read_idx(lab).astype(np.int64)), 10)
+    return MemoryDataset("fashion-mnist", x, torch.from_numpy(_read_idx(lab).astype(np.int64)), 10)
 
 
-def photos(resolution: int = 32, n: int = PHOTO_TRAIN_CROPS, seed: int = PHOTO_SEED) -> Dataset:
+def photos(resolution: int = 32, n: int = PHOTO_TRAIN_CROPS, seed: int = PHOTO_SEED) -> MemoryDataset:
     """Random crops of the bundled photos, area-downsampled 4x to ``resolution`` (unconditional: label 0)."""
     crops = torch.from_numpy(photo_crops(seed, n, size=4 * resolution)).permute(0, 3, 1, 2).float() / 127.5 - 1
     x = torch.nn.functional.interpolate(crops, size=resolution, mode="area")
-    return Dataset("photos", x, torch.zeros(n, dtype=torch.long), 1)
+    return MemoryDataset("photos", x, torch.zeros(n, dtype=torch.long), 1)
 
 
-def image_folder(folder: Path, resolution: int) -> Dataset:
+def image_folder(folder: Path, resolution: int) -> MemoryDataset:
     """ImageFolder layout (class per sub-folder) or a flat folder (one class); centre crop, area resize."""
     files = list_images(folder)
     classes = sorted({p.parent.relative_to(folder).as_posix() for p in files})
@@ -77,44 +61,33 @@ def image_folder(folder: Path, resolution: int) -> Dataset:
         a = a[..., top: top + side, left: left + side]
         xs.append(torch.nn.functional.interpolate(a, size=resolution, mode="area", antialias=False) / 127.5 - 1)
         ys.append(index[p.parent.relative_to(folder).as_posix()])
-    return Dataset(folder.name, torch.cat(xs), torch.tensor(ys), len(classes))
+    return MemoryDataset(folder.name, torch.cat(xs), torch.tensor(ys), len(classes))
 
 
-def load_dataset(spec: str, resolution: int) -> Dataset:
-    if spec == "fashion-mnist":
-        ds = fashion_mnist()
-    elif spec == "photos":
-        ds = photos(resolution)
-    elif Path(spec).is_dir():
-        ds = image_folder(Path(spec), resolution)
-    else:
-        raise UserError(f"--data '{spec}': not 'fashion-mnist', 'photos' or an image folder")
-    if ds.resolution != resolution:
-        raise UserError(f"dataset {ds.name} is {ds.resolution}x{ds.resolution} but the preset expects {resolution}")
-    return ds
+def write_photo_tree(out: str | Path, n: int, min_side: int, max_side: int, classes: int = 2, seed: int = 0,
+                     quality: int = 90) -> Path:
+    """A small real ImageFolder tree: ``n`` JPEG crops of the bundled photos, each of random width and height in
+    [min_side, max_side] (both orientations; crops larger than their photo are cut smaller and BICUBIC-upscaled),
+    spread over ``classes`` class folders. For tests, benchmarks and the prepared-photos suite."""
+    from PIL import Image
 
+    from ulbench.metrics.images import BUNDLED_PHOTOS
 
-def load_suite_dataset(suite) -> Dataset:
-    """A suite's ``dataset`` section -> Dataset (errors name the suite file and key)."""
-    spec = suite.dataset
-    where = f"{suite.file}: dataset"
-    if spec.name == "fashion-mnist":
-        ds = fashion_mnist(spec.split)
-    elif spec.name == "photos":
-        # test split: crops drawn with another seed than the training crops
-        ds = photos(spec.resolution, seed=PHOTO_SEED + (1 if spec.split == "test" else 0))
-    else:
-        folder = Path(spec.path).expanduser()
-        if not folder.is_dir():
-            raise UserError(f"{where}.path: {folder} is not a folder; point it at your images (ImageFolder layout)")
-        ds = image_folder(folder, spec.resolution)
-    if ds.resolution != spec.resolution:
-        raise UserError(f"{where}.resolution: {spec.resolution}, but {ds.name} images are {ds.resolution}x"
-                        f"{ds.resolution}")
-    if spec.subset is not None:
-        if spec.subset > len(ds.images):
-            raise UserError(f"{where}.subset: {spec.subset} images asked for, {ds.name} has {len(ds.images)}")
-        ds = Dataset(ds.name, ds.images[: spec.subset], ds.labels[: spec.subset], ds.num_classes)
-    if not spec.class_conditional:
-        ds = Dataset(ds.name, ds.images, torch.zeros_like(ds.labels), 1)
-    return ds
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    photos_ = [_decode(folder / name) for name in BUNDLED_PHOTOS]
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    for i in range(n):
+        img = photos_[rng.integers(len(photos_))]
+        w, h = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+        cw, ch = min(w, img.shape[1]), min(h, img.shape[0])
+        y, x = rng.integers(0, img.shape[0] - ch + 1), rng.integers(0, img.shape[1] - cw + 1)
+        crop = Image.fromarray(img[y: y + ch, x: x + cw])
+        if (cw, ch) != (w, h):
+            crop = crop.resize((w, h), Image.BICUBIC)
+        path = out / f"class{i % classes:02d}" / f"photo{i:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        crop.save(path, quality=quality)
+    return out

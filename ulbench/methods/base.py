@@ -7,13 +7,16 @@ through ``MethodKind.runner``, which returns an object with the ``Runner`` metho
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+ENCODE_BATCH = 64  # images per encoder call when building a latent cache
 
 
 @dataclass
@@ -23,6 +26,23 @@ class StepInputs:
     module: nn.Module
     loss_fn: Callable[[nn.Module, tuple], dict[str, torch.Tensor]]
     batch: tuple
+
+
+@dataclass
+class TrainData:
+    """What a runner trains on: a dataset (``ulbench.data.base.ImageDataset``), whether to add mirrored copies
+    (EDM2's ``xflip``: 2N items, and latent caches keep both), and DataLoader worker processes."""
+
+    dataset: Any
+    xflip: bool = False
+    workers: int = 0
+    source: str = ""  # the spec that reopens the dataset (a path, photos, fashion-mnist): recorded in run configs
+
+    def record(self) -> dict:
+        """What a stage's run directory records of its data (the spec that reopens it, the fingerprint)."""
+        ds = self.dataset
+        return {"spec": self.source, "name": ds.name, "n": len(ds), "fingerprint": ds.fingerprint(),
+                "xflip": self.xflip}
 
 
 class Runner(Protocol):
@@ -46,7 +66,7 @@ class MethodKind(Protocol):
     def stages_for(self, config: Any) -> tuple[str, ...]: ...  # the stages this config trains (a subset of stages)
     def step_inputs(self, config: Any, stage: str, batch_size: int, device: str | torch.device) -> StepInputs: ...
     def runner(self, config: Any, train: dict[str, Any], workdir: Path, device: str, precision: str,
-               images: torch.Tensor, labels: torch.Tensor, progress: bool) -> Runner: ...
+               data: TrainData, progress: bool) -> Runner: ...
 
 
 class OverrideError(ValueError):
@@ -104,3 +124,63 @@ def stage_train_config(overrides: dict[str, dict], stage: str, steps: int, preci
 
     cfg = apply_overrides(TrainConfig(steps=steps, precision=precision), overrides.get(stage, {}))
     return cfg if cfg.checkpoint_every > 0 else dataclasses.replace(cfg, checkpoint_every=steps)
+
+
+class RunnerBase:
+    """What every runner shares: stage run directories ``workdir/<stage>``, per-stage train configs, the
+    training batches of a dataset (rank-split under torchrun) and stage 2's latent cache."""
+
+    def __init__(self, config: Any, train: dict[str, dict], workdir: Path, device: str, precision: str,
+                 data: TrainData, progress: bool):
+        self.config, self.train_overrides, self.workdir = config, train, Path(workdir)
+        self.device, self.precision, self.progress, self.data = device, precision, progress, data
+
+    def train_config(self, stage: str, steps: int):
+        return stage_train_config(self.train_overrides, stage, steps, self.precision)
+
+    def trained_steps(self, stage: str) -> int:
+        latest = self.workdir / stage / "latest.json"
+        return json.loads(latest.read_text())["step"] if latest.is_file() else 0
+
+    def checkpoint_file(self, stage: str, which: str = "ema") -> Path:
+        """The latest checkpoint's ``ema``/``weights`` safetensors file of a stage."""
+        out = self.workdir / stage
+        return out / json.loads((out / "latest.json").read_text())["checkpoint"] / f"{which}.safetensors"
+
+    def batches(self, dataset, tcfg) -> Callable[[int], Iterator[tuple]]:
+        return training_batches(dataset, tcfg, self.data.workers, self.device)
+
+    def image_set(self):
+        """Stage 1's training images: the dataset, with its mirror copies when ``xflip``."""
+        from ulbench.data.base import XFlip
+
+        return XFlip(self.data.dataset) if self.data.xflip else self.data.dataset
+
+    def latent_set(self, what: str, encoder_sha256: str, encode: Callable[[torch.Tensor], torch.Tensor]):
+        return latent_training_set(self.workdir / "stage2" / "latents", what, encoder_sha256, encode, self.data,
+                                   self.progress)
+
+
+def training_batches(dataset, tcfg, workers: int, device) -> Callable[[int], Iterator[tuple]]:
+    """``start -> iterator`` of this rank's share of the global batches (tcfg.batch_size) of ``dataset``."""
+    from ul_model.train import distributed
+    from ulbench.data.loader import train_batches
+
+    rank, world = distributed()
+    return lambda start: train_batches(dataset, tcfg.batch_size, tcfg.seed, start, rank, world, workers,
+                                       pin_memory=str(device).startswith("cuda"))
+
+
+def latent_training_set(root: Path, what: str, encoder_sha256: str, encode: Callable[[torch.Tensor], torch.Tensor],
+                        data: TrainData, progress: bool):
+    """Stage 2's training set: the dataset encoded once into the latent cache ``root`` (keyed by encoder
+    checkpoint, dataset fingerprint and xflip; rebuilt when any changes), split across ranks under torchrun."""
+    from ul_model.train import distributed
+    from ulbench.data.latent_cache import LatentDataset, build_latent_cache
+
+    rank, world = distributed()
+    ds = data.dataset
+    key = {"what": what, "encoder_sha256": encoder_sha256, "dataset": ds.fingerprint(), "xflip": data.xflip}
+    cache = build_latent_cache(root, key, ds, encode, xflip=data.xflip, batch_size=ENCODE_BATCH, progress=progress,
+                               rank=rank, world=world, workers=data.workers)
+    return LatentDataset(cache, ds.labels, xflip=data.xflip)

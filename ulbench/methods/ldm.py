@@ -7,18 +7,18 @@ training images once (posterior mean and std, cached) and samples a latent per i
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save
-from tqdm.auto import tqdm
+from safetensors.torch import load_file
 
-from ulbench.methods.base import StepInputs, apply_overrides, stage_train_config
+from ul_model.stages import image_input
+from ulbench.methods.base import RunnerBase, StepInputs, TrainData, apply_overrides
 
-ENCODE_BATCH = 64
+LATENT_STATS_IMAGES = 65536  # latents measured for a harness-trained VAE's normalization [choice]
 
 
 @dataclass(frozen=True)
@@ -117,31 +117,17 @@ class LDM:
             return StepInputs(model, lambda net, b: fam.training_losses(net, config.backbone, b[0], b[1]), (z, labels))
 
     def runner(self, config: LDMConfig, train: dict[str, dict], workdir: Path, device: str, precision: str,
-               images: torch.Tensor, labels: torch.Tensor, progress: bool) -> LDMRunner:
-        return LDMRunner(self, config, train, workdir, device, precision, images, labels, progress)
+               data: TrainData, progress: bool) -> LDMRunner:
+        return LDMRunner(self, config, train, workdir, device, precision, data, progress)
 
 
-def _latest_weights(out: Path, which: str = "ema") -> dict:
-    ckpt = out / json.loads((out / "latest.json").read_text())["checkpoint"]
-    return load_file(str(ckpt / f"{which}.safetensors"))
-
-
-class LDMRunner:
+class LDMRunner(RunnerBase):
     """Stage 1 (VAE) in ``workdir/stage1``, stage 2 (backbone on cached latents) in ``workdir/stage2``."""
 
-    def __init__(self, kind: LDM, config: LDMConfig, train: dict[str, dict], workdir: Path, device: str,
-                 precision: str, images: torch.Tensor, labels: torch.Tensor, progress: bool):
-        self.kind, self.config, self.train_overrides, self.workdir = kind, config, train, Path(workdir)
-        self.device, self.precision, self.progress = device, precision, progress
-        self.images, self.labels = images, labels
-        self._vae = self._backbone = None
-
-    def train_config(self, stage: str, steps: int):
-        return stage_train_config(self.train_overrides, stage, steps, self.precision)
-
-    def trained_steps(self, stage: str) -> int:
-        latest = self.workdir / stage / "latest.json"
-        return json.loads(latest.read_text())["step"] if latest.is_file() else 0
+    def __init__(self, kind: LDM, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+        self._vae = self._backbone = self._latents = self._norm = None
 
     def vae(self):
         """The frozen VAE: a user's folder, or stage 1's EMA weights."""
@@ -152,32 +138,31 @@ class LDMRunner:
                 vae = kl_vae.load_vae_folder(self.config.vae.pretrained)
             else:
                 vae = kl_vae.build_vae(self.config.vae)
-                vae.load_state_dict(_latest_weights(self.workdir / "stage1"))
+                vae.load_state_dict(load_file(str(self.checkpoint_file("stage1"))))
             self._vae = vae.to(self.device).eval().requires_grad_(False)
         return self._vae
 
     def backbone(self):
         if self._backbone is None:
             model = self.kind._module().build(self.config.backbone)
-            model.load_state_dict(_latest_weights(self.workdir / "stage2"))
+            model.load_state_dict(load_file(str(self.checkpoint_file("stage2"))))
             self._backbone = model.to(self.device).eval()
         return self._backbone
 
     def train(self, stage: str, steps: int, resume: bool = True) -> None:
         from baselines import kl_vae
-        from ul_model.train import step_batches, train
+        from ul_model.train import train
 
         tcfg = self.train_config(stage, steps)
         out = self.workdir / stage
         torch.manual_seed(tcfg.seed)
         if stage == "stage1":
             model = kl_vae.build_vae(self.config.vae)
-            loss_fn = lambda net, b: kl_vae.vae_losses(net, self.config.vae, b[0])
-            data = (self.images, self.labels)
+            loss_fn = lambda net, b: kl_vae.vae_losses(net, self.config.vae, image_input(b[0]))  # noqa: E731
+            data = self.image_set()
         else:
             fam = self.kind._module()
             model = fam.build(self.config.backbone)
-            mean, std = self.latent_moments()
             norm = self.latent_norm()
 
             def loss_fn(net, b):
@@ -186,44 +171,57 @@ class LDMRunner:
                 return fam.training_losses(net, self.config.backbone, norm.normalize(m + s * torch.randn_like(m)),
                                            b[1])
 
-            data = (torch.stack([mean, std], 1), self.labels)
-        batches = lambda start: step_batches(*data, tcfg.batch_size, tcfg.seed, start)
-        train(model, loss_fn, batches, tcfg, out, resume=resume, device=self.device, progress=self.progress)
-        self._vae = None if stage == "stage1" else self._vae
+            data = self.latents()
+        train(model, loss_fn, self.batches(data, tcfg), tcfg, out, resume=resume, device=self.device,
+              progress=self.progress)
+        if stage == "stage1":
+            self._vae = self._latents = self._norm = None
         self._backbone = None
 
-    @torch.no_grad()
-    def latent_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and std of every training image, computed once and cached beside stage 2's checkpoints."""
-        path = self.workdir / "stage2" / "latents.safetensors"
-        if path.is_file():
-            cached = load_file(str(path))
-            if cached["mean"].shape[0] == len(self.images):
-                return cached["mean"], cached["std"]
-        from ul_model.io import atomic_bytes
+    def latents(self):
+        """Posterior mean and std of every training image, items (2, C, h, w), encoded once into a latent cache
+        keyed by the VAE's weights and the dataset."""
+        from ulbench.assets import sha256_file
 
-        vae, means, stds = self.vae(), [], []
-        for i in tqdm(range(0, len(self.images), ENCODE_BATCH), desc="encode latents", disable=not self.progress):
-            post = vae.encode(self.images[i: i + ENCODE_BATCH].to(self.device)).latent_dist
-            means.append(post.mean.float().cpu())
-            stds.append(post.std.float().cpu())
-        mean, std = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
-        atomic_bytes(path, save({"mean": mean, "std": std}))
-        return mean, std
+        if self._latents is None:
+            if self.config.vae.pretrained:
+                folder = Path(self.config.vae.pretrained).expanduser()
+                weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+                encoder = "+".join(sha256_file(w) for w in weights)
+            else:
+                encoder = sha256_file(self.checkpoint_file("stage1"))
+            vae = self.vae()
+
+            def encode(x):
+                post = vae.encode(image_input(x.to(self.device))).latent_dist
+                return torch.stack([post.mean, post.std], 1)
+
+            self._latents = self.latent_set("kl-vae posterior mean, std", encoder, encode)
+        return self._latents
 
     def latent_norm(self):
         """The baseline's latent normalization. A user's VAE keeps its configured statistics (SD: 0.18215; EDM2's
         per-channel mean/std); for a VAE the harness trained they are measured on its training latents the way SD
-        derived 0.18215 (one over the latents' std) and EDM2 its per-channel mean and std."""
+        derived 0.18215 (one over the latents' std) and EDM2 its per-channel mean and std: float64 sums over the
+        posterior means of at most LATENT_STATS_IMAGES images, an even stride through the set."""
         from baselines import kl_vae
 
-        cfg = self.config.vae
-        if cfg.trainable:
-            mean, _ = self.latent_moments()
-            per_channel = mean.transpose(0, 1).flatten(1)  # (c, N*h*w) posterior means
-            cfg = replace(cfg, scale_factor=float(1 / mean.std()), raw_mean=tuple(per_channel.mean(1).tolist()),
-                          raw_std=tuple(per_channel.std(1).tolist()))
-        return kl_vae.LatentNorm(cfg)
+        if self._norm is None:
+            cfg = self.config.vae
+            if cfg.trainable:
+                cache = self.latents().cache
+                s1 = s2 = count = 0
+                for i in range(0, cache.n, -(-cache.n // LATENT_STATS_IMAGES)):
+                    m = cache.field("latent", i)[0].astype(np.float64).reshape(cache.shape[1], -1)  # (c, h*w)
+                    s1, s2, count = s1 + m.sum(1), s2 + (m * m).sum(1), count + m.shape[1]
+                mean_c = s1 / count
+                std_c = np.sqrt((s2 - count * mean_c ** 2) / (count - 1))
+                total = count * len(s1)
+                std = np.sqrt((s2.sum() - s1.sum() ** 2 / total) / (total - 1))
+                cfg = replace(cfg, scale_factor=float(1 / std), raw_mean=tuple(mean_c.tolist()),
+                              raw_std=tuple(std_c.tolist()))
+            self._norm = kl_vae.LatentNorm(cfg)
+        return self._norm
 
     def sample(self, seeds: list[int], labels: torch.Tensor | None, sampler: dict, guidance: float) -> torch.Tensor:
         from baselines import kl_vae

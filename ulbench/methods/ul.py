@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ulbench.methods.base import StepInputs, apply_overrides, stage_train_config
+from ul_model.stages import image_input
+from ulbench.methods.base import RunnerBase, StepInputs, TrainData, apply_overrides
 
 
 class UL:
@@ -46,42 +47,35 @@ class UL:
             return StepInputs(model, lambda net, b: net(b[0], b[1]), (z, labels))
 
     def runner(self, config: Any, train: dict[str, dict], workdir: Path, device: str, precision: str,
-               images: torch.Tensor, labels: torch.Tensor, progress: bool) -> ULRunner:
-        return ULRunner(config, train, workdir, device, precision, images, labels, progress)
+               data: TrainData, progress: bool) -> ULRunner:
+        return ULRunner(config, train, workdir, device, precision, data, progress)
 
 
-class ULRunner:
+class ULRunner(RunnerBase):
     """UL trained in ``workdir/stage1`` and ``workdir/stage2`` (ul_model.stages run directories)."""
 
-    def __init__(self, config: Any, train: dict[str, dict], workdir: Path, device: str, precision: str,
-                 images: torch.Tensor, labels: torch.Tensor, progress: bool):
-        self.config, self.train_overrides, self.workdir = config, train, Path(workdir)
-        self.device, self.precision, self.progress = device, precision, progress
-        self.images, self.labels = images, labels
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._models: dict[str, Any] = {}
-
-    def train_config(self, stage: str, steps: int):
-        return stage_train_config(self.train_overrides, stage, steps, self.precision)
 
     def train(self, stage: str, steps: int, resume: bool = True) -> None:
         """Train ``stage`` up to ``steps`` in total: continues from the stage's latest checkpoint when there is one."""
-        from ul_model.stages import train_stage1, train_stage2
+        from ul_model.stages import stage2_model, train_stage1, train_stage2
+        from ulbench.assets import sha256_file
 
         tcfg = self.train_config(stage, steps)
-        out = self.workdir / stage
+        out, data = self.workdir / stage, self.data.record()
         if stage == "stage1":
-            train_stage1(self.config, self.images, self.labels, tcfg, out, resume=resume, device=self.device,
-                         progress=self.progress)
+            train_stage1(self.config, self.batches(self.image_set(), tcfg), tcfg, out, resume=resume,
+                         device=self.device, progress=self.progress, data=data)
         else:
-            train_stage2(self.workdir / "stage1", self.images, self.labels, tcfg, out, base=self.config.base,
-                         resume=resume, device=self.device, progress=self.progress)
+            model = stage2_model(self.workdir / "stage1", self.config.base, seed=tcfg.seed)
+            encoder = model.encoder.to(self.device).eval()
+            latents = self.latent_set("ul z_clean", sha256_file(self.checkpoint_file("stage1")),
+                                      lambda x: encoder(image_input(x.to(self.device))))
+            train_stage2(model, self.batches(latents, tcfg), tcfg, out, self.workdir / "stage1", resume=resume,
+                         device=self.device, progress=self.progress, data=data)
         self._models.pop(stage, None)
-
-    def trained_steps(self, stage: str) -> int:
-        import json
-
-        latest = self.workdir / stage / "latest.json"
-        return json.loads(latest.read_text())["step"] if latest.is_file() else 0
 
     def _model(self, stage: str):
         from ul_model.stages import load_run

@@ -139,6 +139,22 @@ def iterable_source(batches_iter: Iterable, name: str = "generator", count: int 
     return ImageSource(name, count, batches)
 
 
+def dataset_source(dataset, limit: int | None = None, name: str | None = None) -> ImageSource:
+    """The first ``limit`` images (all by default) of an ``ulbench.data`` dataset, streamed in order; its
+    identity is the dataset's content fingerprint, so its statistics are cached across runs."""
+    from ulbench.data.base import to_uint8
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+
+    def batches(batch_size: int) -> Iterator[list[np.ndarray]]:
+        for x, _ in dataset.batches(n, batch_size):
+            yield list(to_uint8(x).permute(0, 2, 3, 1).numpy())
+
+    return ImageSource(name or f"dataset {dataset.name}", n, batches,
+                       identity=f"dataset:{dataset.fingerprint()}:first{n}",
+                       resolution=(dataset.resolution, dataset.resolution))
+
+
 def photo_crops(seed: int, n: int = PHOTO_CROP_COUNT, size: int = PHOTO_CROP_SIZE) -> np.ndarray:
     """``n`` random ``size`` x ``size`` crops of the bundled scikit-image photos, deterministic in ``seed``."""
     import skimage
@@ -156,9 +172,12 @@ def photo_crops(seed: int, n: int = PHOTO_CROP_COUNT, size: int = PHOTO_CROP_SIZ
 
 
 def resolve_source(spec: str | os.PathLike | np.ndarray | torch.Tensor | Iterable, limit: int | None = None) -> ImageSource:
-    """Folder path, ADM .npz of images, ``photos:SEED`` (bundled real photo crops), tensor/array or iterable."""
+    """Folder path, prepared dataset (folder or zip), ADM .npz of images, ``photos:SEED`` (bundled real photo
+    crops), tensor/array, iterable, or an ImageSource."""
     if isinstance(spec, (np.ndarray, torch.Tensor)):
         return array_source(spec[:limit] if limit else spec)
+    if isinstance(spec, ImageSource):
+        return spec
     if not isinstance(spec, (str, os.PathLike)):
         return iterable_source(spec)
     s = str(spec)
@@ -169,6 +188,10 @@ def resolve_source(spec: str | os.PathLike | np.ndarray | torch.Tensor | Iterabl
             raise UserError(f"'{s}': expected photos:SEED with an integer seed, e.g. photos:0") from None
         return array_source(photo_crops(seed, n=limit or PHOTO_CROP_COUNT), name=s, identity=f"{s}:{limit}")
     path = Path(s).expanduser()
+    from ulbench.data.prepared import PreparedDataset, is_prepared
+
+    if is_prepared(path):  # `ulbench data prepare` output (folder or zip) or EDM2's: streamed in index order
+        return dataset_source(PreparedDataset(path), limit, name=s)
     if path.is_dir():
         return folder_source(path, limit)
     if path.suffix == ".npz" and path.is_file():
