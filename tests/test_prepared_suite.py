@@ -48,3 +48,21 @@ def test_prepared_photos_suite_runs_end_to_end(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(lat[0], enc(image_input(x))[0].numpy(), atol=1e-5)
         np.testing.assert_allclose(lat[1], enc(image_input(x.flip(-1)))[0].numpy(), atol=1e-5)
+
+
+def test_reference_statistics_stream_a_prepared_zip(tmp_path, evaluator):
+    """`ulbench eval stats DEST` on a prepared zip: the statistics of exactly its images, in index order."""
+    from conftest import run_cli
+
+    tree = write_photo_tree(tmp_path / "tree", 24, 40, 70, classes=3, seed=5)
+    prepare(tree, tmp_path / "p.zip", 32, workers=1, progress=False)
+    ds = PreparedDataset(tmp_path / "p.zip")
+    direct = evaluator.set_stats(ds.uint8(len(ds))).moments
+    r = run_cli("eval", "stats", str(tmp_path / "p.zip"), "-o", str(tmp_path / "ref.npz"), "--json", "--no-cache")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 24
+    with np.load(tmp_path / "ref.npz") as z:
+        np.testing.assert_allclose(z["mu"], direct.mu, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(z["sigma"], direct.sigma, rtol=0, atol=1e-5)
+    fid = evaluator.fid(str(tmp_path / "p.zip"), str(tmp_path / "ref.npz"))
+    assert abs(fid["fid"]) < 1e-3
