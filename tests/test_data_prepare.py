@@ -514,3 +514,21 @@ def test_cli_bad_arguments_exit_2_without_traceback(tmp_path, capsys):
     assert cli_main(["data", "prepare", str(tmp_path / "src"), "--resolution", "32", "--out",
                      str(tmp_path / "ok"), "--workers", "1"]) == 0
     assert "wrote 3 images" in capsys.readouterr().out
+
+
+def test_prepared_pngs_are_plain_pngs_that_the_fast_reader_decodes_exactly():
+    """What prepare writes (stored, unfiltered) decodes to the same pixels through PIL and through the one-call
+    fast path; PNGs written by PIL (filtered, as EDM2's tool writes them) are left to PIL."""
+    from ulbench.data import png
+
+    rgb = PHOTOS[1][40:137, 10:71]  # a real photo crop of odd sizes
+    data = png.write_rgb(np.ascontiguousarray(rgb))
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "RGB" and np.array_equal(np.asarray(im), rgb)
+    assert np.array_equal(png.read_rgb(data), rgb)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=0)
+    assert png.read_rgb(buf.getvalue()) is None  # PIL filters rows: not ours to unfilter
+    buf = io.BytesIO()
+    Image.fromarray(rgb[..., 0]).save(buf, format="PNG")
+    assert png.read_rgb(buf.getvalue()) is None  # grayscale

@@ -34,6 +34,12 @@ def test_prepared_photos_suite_runs_end_to_end(tmp_path):
         meta = json.loads((run / "methods" / method / "stage2" / "latents" / "meta.json").read_text())
         assert meta["complete"] and meta["n"] == 96 and meta["fields"] == ["latent", "latent_xflip"]
         assert meta["key_parts"]["dataset"] == ds.fingerprint() and meta["key_parts"]["xflip"] is True
+    from ulbench.assets import sha256_file
+
+    stage1 = run / "methods" / "ul" / "stage1"
+    ema = stage1 / json.loads((stage1 / "latest.json").read_text())["checkpoint"] / "ema.safetensors"
+    meta = json.loads((run / "methods" / "ul" / "stage2" / "latents" / "meta.json").read_text())
+    assert meta["key_parts"]["encoder_sha256"] == sha256_file(ema)  # retraining stage 1 changes the key
     recorded = json.loads((run / "methods" / "ul" / "stage1" / "config.json").read_text())["data"]
     assert recorded["spec"] == str((tmp_path / "photos-32.zip").resolve()) and recorded["n"] == 96
     # the UL cache holds the stage-1 encoder's latents of image 0 and of its mirror image

@@ -13,7 +13,7 @@ import torch
 
 from ulbench.data.base import MemoryDataset
 from ulbench.errors import UserError
-from ulbench.metrics.images import _decode, list_images, photo_crops
+from ulbench.metrics.images import _decode, photo_crops
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
@@ -46,22 +46,6 @@ def photos(resolution: int = 32, n: int = PHOTO_TRAIN_CROPS, seed: int = PHOTO_S
     crops = torch.from_numpy(photo_crops(seed, n, size=4 * resolution)).permute(0, 3, 1, 2).float() / 127.5 - 1
     x = torch.nn.functional.interpolate(crops, size=resolution, mode="area")
     return MemoryDataset("photos", x, torch.zeros(n, dtype=torch.long), 1)
-
-
-def image_folder(folder: Path, resolution: int) -> MemoryDataset:
-    """ImageFolder layout (class per sub-folder) or a flat folder (one class); centre crop, area resize."""
-    files = list_images(folder)
-    classes = sorted({p.parent.relative_to(folder).as_posix() for p in files})
-    index = {c: i for i, c in enumerate(classes)}
-    xs, ys = [], []
-    for p in files:
-        a = torch.from_numpy(_decode(p).copy()).permute(2, 0, 1).float()[None]
-        side = min(a.shape[-2:])
-        top, left = (a.shape[-2] - side) // 2, (a.shape[-1] - side) // 2
-        a = a[..., top: top + side, left: left + side]
-        xs.append(torch.nn.functional.interpolate(a, size=resolution, mode="area", antialias=False) / 127.5 - 1)
-        ys.append(index[p.parent.relative_to(folder).as_posix()])
-    return MemoryDataset(folder.name, torch.cat(xs), torch.tensor(ys), len(classes))
 
 
 def write_photo_tree(out: str | Path, n: int, min_side: int, max_side: int, classes: int = 2, seed: int = 0,

@@ -12,7 +12,6 @@ with the same arguments ends byte-identical to an uninterrupted one; no timestam
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -23,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from ulbench.data import png
 from ulbench.data.base import ImageDataset
 from ulbench.data.sources import IMAGE_EXTENSIONS, Source
 from ulbench.data.transforms import DEFAULT_TRANSFORM, TRANSFORMS, UnreadableImage, apply_transform, decode_rgb
@@ -39,7 +38,6 @@ STAGING_SUFFIX = ".partial"
 ARGUMENTS_FILE = ".ulbench-prepare-arguments.json"  # the staging marker: the arguments of the run it belongs to
 JOURNAL_FILE = ".ulbench-prepare-journal.jsonl"  # one JSON line per finished or skipped source file
 PACK_TMP_FILE = ".ulbench-pack.zip.tmp"
-PNG_COMPRESS_LEVEL = 0  # EDM2: uncompressed PNGs, cheap to decode in the training loop
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip can hold: no timestamps in DEST
 ZIP_EXTERNAL_ATTR = 0o100644 << 16  # regular file, rw-r--r--
 ZIP_CREATE_SYSTEM_UNIX = 3
@@ -70,9 +68,9 @@ def dataset_fingerprint(rows) -> str:
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()  # fixed settings and no tIME/text chunks: the same pixels give the same bytes
-    Image.fromarray(rgb).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
-    return buf.getvalue()
+    """Deterministic PNG bytes of the prepared image: stored and unfiltered (``png``), so the loader decodes it
+    with one zlib call; any PNG reader (EDM2's included) reads it."""
+    return png.write_rgb(np.ascontiguousarray(rgb))
 
 
 # ---- one source file -> one record (+ PNG bytes); runs in worker processes ----
@@ -189,9 +187,9 @@ def _run(staging: Path, source: Source, todo: list[int], total: int, transform: 
     bar = tqdm(total=total, initial=total - len(todo), unit="img", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, desc="prepare")
     with open(staging / JOURNAL_FILE, "a") as journal, bar:
-        for record, png in _results(source, todo, transform, resolution, workers):
-            if png is not None:
-                _write_file_atomic(staging / archive_name(record["index"]), png)
+        for record, png_bytes in _results(source, todo, transform, resolution, workers):
+            if png_bytes is not None:
+                _write_file_atomic(staging / archive_name(record["index"]), png_bytes)
             else:
                 tqdm.write(f"ulbench: skipped {record['source']} ({record['skip']}: {record['error']})",
                            file=sys.stderr)
@@ -454,8 +452,12 @@ class PreparedDataset(ImageDataset):
                             f"are there: the dataset was modified; prepare it again into a new --out")
 
     def _decode(self, i: int) -> np.ndarray:
+        data = self._read(self.names[i])
+        fast = png.read_rgb(data)  # our own prepared PNGs; anything else (EDM2's, JPEG) through PIL
+        if fast is not None:
+            return fast
         try:
-            return decode_rgb(self._read(self.names[i]), self.names[i])[0]
+            return decode_rgb(data, self.names[i])[0]
         except UnreadableImage as e:
             raise UserError(f"{self.path}: {e}") from None
 
@@ -477,7 +479,7 @@ class PreparedDataset(ImageDataset):
         if rgb.shape != (self.resolution, self.resolution, 3):
             raise UserError(f"{self.path}: {self.names[i]} is {rgb.shape[1]}x{rgb.shape[0]}, the dataset is "
                             f"{self.resolution}x{self.resolution}")
-        return torch.from_numpy(np.require(rgb, requirements="W")).permute(2, 0, 1).contiguous(), int(self.labels[i])
+        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))), int(self.labels[i])  # one copy
 
     def fingerprint(self) -> str:
         """The manifest's; for a set without one the same formula over every decoded image (computed once)."""
