@@ -189,3 +189,21 @@ def test_iterating_a_prepared_set_keeps_memory_bounded(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     at_1k, at_4k = map(float, out.stdout.split())
     assert at_4k - at_1k < 50, (at_1k, at_4k)
+
+
+def test_latent_cache_split_across_ranks_equals_one_process(tmp_path):
+    """Ranks encode disjoint shards (rank r: shards r, r + world, ...); simulated one after the other, two ranks
+    leave the same files as one process, and rank 0 never marks a cache complete with a shard missing."""
+    ds = _photo_set(70)
+    one = tmp_path / "one"
+    build_latent_cache(one, {"k": 1}, ds, _pool, shard_size=16, progress=False)
+    with pytest.raises(RuntimeError, match=r"shards \[1, 3\] are missing"):
+        build_latent_cache(tmp_path / "alone", {"k": 1}, ds, _pool, shard_size=16, progress=False, rank=0, world=2)
+    two = tmp_path / "two"
+    with pytest.raises(FileNotFoundError):  # rank 1 done, rank 0 not yet: no complete cache to read
+        build_latent_cache(two, {"k": 1}, ds, _pool, shard_size=16, progress=False, rank=1, world=2)
+    assert sorted(p.name for p in two.glob("latent-*.npy")) == ["latent-00001.npy", "latent-00003.npy"]
+    build_latent_cache(two, {"k": 1}, ds, _pool, shard_size=16, progress=False, rank=0, world=2)
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for f in sorted(one.iterdir()):
+        assert (two / f.name).read_bytes() == f.read_bytes(), f.name

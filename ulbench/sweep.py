@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ulbench.data.base import to_float, to_uint8
 from ulbench.errors import UserError
 from ulbench.io import atomic_write, write_json
-from ulbench.data.base import to_float, to_uint8
 from ulbench.methods import get_kind
 from ulbench.methods.base import TrainData
 from ulbench.metrics.images import quantize_images

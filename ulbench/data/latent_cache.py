@@ -72,11 +72,13 @@ def build_latent_cache(root: str | os.PathLike, key_parts: dict, dataset: ImageD
         if meta is None or meta["key"] != key:  # the key goes first: shards never outlive the key they were made for
             write_json(root / "meta.json", {**header, "complete": False})
     _barrier()
-    shards = [s for s in range(-(-n // shard_size)) if s % world == rank]
+    num_shards = -(-n // shard_size)
+    shards = [s for s in range(num_shards) if s % world == rank]
     todo = [s for s in shards if not all(_shard_file(root, f, s).is_file() for f in fields)]
     shape = None
     bar = tqdm(total=sum(min(shard_size, n - s * shard_size) for s in todo), desc="encode latents", unit="img",
                disable=not progress or rank != 0)
+    root.mkdir(parents=True, exist_ok=True)
     for s in todo:
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
@@ -99,6 +101,10 @@ def build_latent_cache(root: str | os.PathLike, key_parts: dict, dataset: ImageD
     bar.close()
     _barrier()
     if rank == 0:
+        missing = [s for s in range(num_shards) if not all(_shard_file(root, f, s).is_file() for f in fields)]
+        if missing:
+            raise RuntimeError(f"{root}: shards {missing} are missing after every rank finished (a rank failed?); "
+                               "rerun to encode them")
         if shape is None:  # nothing left to encode here: take the shape from a finished shard
             shape = np.load(_shard_file(root, "latent", 0), mmap_mode="r").shape[1:]
         write_json(root / "meta.json", {**header, "shape": list(shape), "complete": True})
