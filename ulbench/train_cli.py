@@ -8,7 +8,7 @@ import torch
 
 from ulbench.data.base import XFlip
 from ulbench.errors import UserError
-from ulbench.methods.base import TrainData, latent_training_set, training_batches
+from ulbench.methods.base import TrainData, latest_checkpoint_file, latent_training_set, training_batches
 
 SAMPLE_BATCH = 16
 
@@ -79,8 +79,8 @@ def cmd_train_stage2(args) -> None:
     tcfg = _train_config(args)
     model = stage2_model(args.stage1, _preset(args.preset).base if args.preset else None, seed=tcfg.seed)
     encoder = model.encoder.to(args.device).eval()
-    stage1_ckpt = Path(args.stage1) / json.loads((Path(args.stage1) / "latest.json").read_text())["checkpoint"]
-    latents = latent_training_set(Path(args.out) / "latents", "ul z_clean", sha256_file(stage1_ckpt / "ema.safetensors"),
+    latents = latent_training_set(Path(args.out) / "latents", "ul z_clean",
+                                  sha256_file(latest_checkpoint_file(Path(args.stage1))),
                                   lambda x: encoder(image_input(x.to(args.device))), data, progress=True)
     log = train_stage2(model, training_batches(latents, tcfg, data.workers, args.device), tcfg, args.out,
                        args.stage1, resume=args.resume, device=args.device, data=data.record())

@@ -143,9 +143,7 @@ class RunnerBase:
         return json.loads(latest.read_text())["step"] if latest.is_file() else 0
 
     def checkpoint_file(self, stage: str, which: str = "ema") -> Path:
-        """The latest checkpoint's ``ema``/``weights`` safetensors file of a stage."""
-        out = self.workdir / stage
-        return out / json.loads((out / "latest.json").read_text())["checkpoint"] / f"{which}.safetensors"
+        return latest_checkpoint_file(self.workdir / stage, which)
 
     def batches(self, dataset, tcfg) -> Callable[[int], Iterator[tuple]]:
         return training_batches(dataset, tcfg, self.data.workers, self.device)
@@ -159,6 +157,11 @@ class RunnerBase:
     def latent_set(self, what: str, encoder_sha256: str, encode: Callable[[torch.Tensor], torch.Tensor]):
         return latent_training_set(self.workdir / "stage2" / "latents", what, encoder_sha256, encode, self.data,
                                    self.progress)
+
+
+def latest_checkpoint_file(run: Path, which: str = "ema") -> Path:
+    """The ``ema``/``weights`` safetensors file of a training run's latest checkpoint."""
+    return run / json.loads((run / "latest.json").read_text())["checkpoint"] / f"{which}.safetensors"
 
 
 def training_batches(dataset, tcfg, workers: int, device) -> Callable[[int], Iterator[tuple]]:
