@@ -14,7 +14,7 @@ from ulbench.data.base import ImageDataset, MemoryDataset, Subset, Unlabelled, X
 from ulbench.data.builtin import PHOTO_SEED, fashion_mnist, photos
 from ulbench.errors import UserError
 
-__all__ = ["ImageDataset", "MemoryDataset", "PHOTO_SEED", "dataset_spec", "fashion_mnist", "load_dataset",
+__all__ = ["ImageDataset", "MemoryDataset", "PHOTO_SEED", "fashion_mnist", "load_dataset",
            "load_suite_dataset", "photos", "Subset", "Unlabelled", "XFlip"]
 
 
@@ -83,8 +83,3 @@ def _first(ds: ImageDataset, n: int) -> ImageDataset:
         return MemoryDataset(ds.name, ds.images[:n], ds.labels_tensor[:n], ds.num_classes)
     return Subset(ds, n)
 
-
-def dataset_spec(ds: ImageDataset, source: str) -> dict:
-    """What a run directory records of its data: the spec that reopens it and the content fingerprint."""
-    return {"spec": source, "name": ds.name, "n": len(ds), "resolution": ds.resolution,
-            "num_classes": ds.num_classes, "fingerprint": ds.fingerprint()}

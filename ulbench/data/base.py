@@ -13,10 +13,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """A batch of images as the models take them: float in [-1, 1] (uint8 is mapped by x / 127.5 - 1)."""
-    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
+# A batch as the models take it (uint8 -> [-1, 1]): ul_model's own mapping, so harness and model agree.
+from ul_model.stages import image_input as to_float  # noqa: F401
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
