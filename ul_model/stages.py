@@ -31,6 +31,8 @@ def _config_from_dict(d: dict) -> ULConfig:
 
 
 def write_run_config(out: Path, cfg: ULConfig, stage: int, extra: dict) -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # rank 0 writes the run directory
     with atomic_write(out / "config.json") as f:
         json.dump({"stage": stage, "model": cfg.to_dict(), **extra}, f, indent=2)
 

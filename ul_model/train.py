@@ -3,10 +3,18 @@
 One code path for CPU, one GPU and ``torchrun`` (DDP): rank 0 writes checkpoints and metrics. Checkpoints are
 safetensors weights (model and EMA) plus a torch file of optimizer state, step and RNG states, each written
 atomically; ``resume=True`` continues bit-for-bit on CPU.
+
+``batch_size`` is the global batch: under ``world`` ranks each takes a contiguous share, processed in micro-batches
+of ``micro_batch`` (gradient accumulation; 0: the whole share at once). The random draws of a micro-batch (noise,
+diffusion times, label dropout, dropout) come from the RNG seeded by (seed, step, global micro-batch index), so a
+run with a fixed ``micro_batch`` trains on the same batches with the same noise under any world size and any
+accumulation; with the default the noise realisation depends on the share, not its distribution.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
 import io
 import json
 import math
@@ -38,15 +46,22 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     compile: bool = False
+    micro_batch: int = 0  # per-rank micro-batch (gradient accumulation); 0: the rank's whole share
+
+
+DIST_TIMEOUT_ENV = "DIST_TIMEOUT_S"  # seconds a collective waits for a rank that is gone before every rank fails
 
 
 def distributed() -> tuple[int, int]:
-    """(rank, world size); initializes the process group when launched by torchrun."""
+    """(rank, world size); initializes the process group when launched by torchrun (NCCL on CUDA, gloo on CPU),
+    with a collective timeout of ``$DIST_TIMEOUT_S`` seconds (default 1800): a dead rank makes the others fail
+    instead of hanging."""
     if "RANK" in os.environ and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        timeout = datetime.timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV, 1800)))
+        torch.distributed.init_process_group(backend, timeout=timeout)
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -71,6 +86,23 @@ class EMA:
                 self.shadow[k].lerp_(v, 1 - self.decay)
             else:
                 self.shadow[k].copy_(v)
+
+
+def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(rank share, micro-batch) of the global batch; raises ValueError when they do not divide."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split across {world} ranks; use a multiple of {world}")
+    share = cfg.batch_size // world
+    micro = cfg.micro_batch or share
+    if micro < 1 or share % micro:
+        raise ValueError(f"micro_batch {cfg.micro_batch} must divide each rank's share of the batch ({share} = "
+                         f"{cfg.batch_size} / {world} ranks)")
+    return share, micro
+
+
+def noise_seed(seed: int, step: int, micro_index: int) -> int:
+    """The RNG seed of global micro-batch ``micro_index`` at ``step``: independent of world size and resume."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{micro_index}".encode()).digest()[:8], "little")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -115,14 +147,13 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, tuple], dict[str, torc
 
     out, device = Path(out), torch.device(device)
     rank, world = distributed()
+    share, micro = micro_batches(cfg, world)
     model.to(device)
     ema = EMA(model, cfg.ema_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     start = load_checkpoint(out, model, ema, opt) if resume and (out / "latest.json").exists() else 0
-    if start == 0:
-        torch.manual_seed(cfg.seed + rank)
-    elif rank == 0 and (out / "metrics.jsonl").exists():  # drop rows logged after the checkpoint we resume from
+    if start > 0 and rank == 0 and (out / "metrics.jsonl").exists():  # drop rows logged after that checkpoint
         rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= start]
         atomic_bytes(out / "metrics.jsonl", "".join(r + "\n" for r in rows).encode())
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -132,33 +163,49 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, tuple], dict[str, torc
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     log: list[dict] = []
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, desc="train", unit="step")
-    t0, seen = time.perf_counter(), 0
+    t0, seen, n_micro = time.perf_counter(), 0, share // micro
     it = batches(start)
     for step in range(start, cfg.steps):
         batch = tuple(b.to(device) if torch.is_tensor(b) else b for b in next(it))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        with autocast(device, cfg.precision):
-            terms = loss_fn(step_fn, batch)
-        loss = terms["loss"].float().mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        sums: dict[str, torch.Tensor] = {}
+        for j in range(n_micro):
+            chunk = tuple(b[j * micro:(j + 1) * micro] for b in batch)
+            torch.manual_seed(noise_seed(cfg.seed, step, (rank * share + j * micro) // micro))
+            # DDP all-reduces gradients on the last micro-batch only; the others accumulate locally
+            sync = contextlib.nullcontext() if world == 1 or j == n_micro - 1 else net.no_sync()
+            with sync:
+                with autocast(device, cfg.precision):
+                    terms = loss_fn(step_fn, chunk)
+                loss = terms["loss"].float().mean()
+                (loss / n_micro).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float().mean()
         grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         opt.step()
         ema.update(model)
         seen += batch[0].shape[0] * world
         bar.update(1)
-        if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            elapsed = time.perf_counter() - t0
-            row = {"step": step + 1, "lr": lr_at(step, cfg), "grad_norm": grad_norm, "elapsed_s": elapsed,
-                   "images_per_s": seen / elapsed,
-                   **{k: float(v.detach().float().mean()) for k, v in terms.items()}}
-            log.append(row)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            means = torch.stack([sums[k] for k in sums]) / n_micro
+            if world > 1:  # the logged terms are means over the global batch, as in one process
+                means = means.to(device)
+                torch.distributed.all_reduce(means)
+                means = means / world
+            if rank == 0:
+                elapsed = time.perf_counter() - t0
+                row = {"step": step + 1, "lr": lr_at(step, cfg), "grad_norm": grad_norm, "elapsed_s": elapsed,
+                       "images_per_s": seen / elapsed, **{k: float(v) for k, v in zip(sums, means.tolist())}}
+                log.append(row)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
         if rank == 0 and cfg.checkpoint_every > 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(out, model, ema, opt, step + 1)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step + 1}")
+        if not math.isfinite(loss.item()) or not math.isfinite(grad_norm):
+            raise FloatingPointError(f"loss became {loss.item()} (gradient norm {grad_norm}) at step {step + 1}")
     bar.close()
+    if world > 1:  # every rank sees the checkpoint rank 0 wrote before it goes on (e.g. to sample from it)
+        torch.distributed.barrier()
     return log

@@ -9,7 +9,11 @@ import sys
 from ulbench.errors import UserError
 
 
-def _emit(result: dict, as_json: bool, headline: str) -> None:
+def _emit(result: dict | None, as_json: bool, headline: str) -> None:
+    from ulbench import dist
+
+    if not dist.is_main():  # under torchrun rank 0 prints
+        return
     if as_json:
         print(json.dumps(result, default=str))
     else:
@@ -37,13 +41,18 @@ def cmd_fid(args) -> None:
 def cmd_kid(args) -> None:
     r = _image_evaluator(args).kid(args.a, args.b, subsets=args.subsets, subset_size=args.subset_size,
                                    limit=args.limit)
+    if r is None:  # not rank 0 (torchrun): the features and the result are there
+        return
     _emit(r, args.json, f"KID {_fmt(r['kid_mean'])} ± {_fmt(r['kid_std'])}  (n={r['n']})")
 
 
 def cmd_stats(args) -> None:
     ev = _image_evaluator(args)
     s = ev.set_stats(args.a, limit=args.limit)
-    s.moments.save_npz(args.output, **ev.protocol(), source=s.name)
+    from ulbench import dist
+
+    if dist.is_main():
+        s.moments.save_npz(args.output, **ev.protocol(), source=s.name)
     r = {"n": s.moments.n, "output": args.output, "fingerprint": ev.protocol() | {"resolution": s.resolution}}
     _emit(r, args.json, f"wrote {args.output} (n={s.moments.n}, mu/sigma in the ADM layout)")
 
@@ -273,7 +282,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ulbench: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _is_peer_failure(e):
+            raise
+        import os
+
+        from ul_model.train import DIST_TIMEOUT_ENV
+
+        print(f"ulbench: error: rank {os.environ.get('RANK')}: a collective failed, so another rank died or did "
+              f"not answer within ${DIST_TIMEOUT_ENV}={os.environ.get(DIST_TIMEOUT_ENV, 1800)} s "
+              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Resume the run with --resume.",
+              file=sys.stderr)
+        return 1
+    finally:
+        _close_process_group()
     return rc or 0
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank is gone (gloo/NCCL errors, timeouts) under torchrun."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e) for w in ("gloo", "NCCL", "Connection", "timed out"))
+
+
+def _close_process_group() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # a group whose peers are gone may fail to close; the process exits anyway
+            pass
 
 
 if __name__ == "__main__":

@@ -13,3 +13,59 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+# ADM sample files (.npz, arr_0 uint8 NHWC) written by streaming per-rank part files into one stored zip entry,
+# and read back as a memory map: numpy's own savez/load hold the whole array in memory (50k 512px images: 39 GB).
+NPZ_MEMBER = "arr_0.npy"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp: the same images give the same file bytes
+
+
+def write_npz_from_parts(path: str | os.PathLike, parts: list, chunk_items: int = 256) -> int:
+    """Concatenate the ``.npy`` files ``parts`` (same dtype and item shape; empty ones skipped) along axis 0 into
+    the ``.npz`` ``path`` (member ``arr_0``, stored), atomically; returns the number of items."""
+    import zipfile
+
+    import numpy as np
+
+    arrays = [a for a in (np.load(p, mmap_mode="r") for p in parts) if len(a)]
+    if not arrays:
+        raise ValueError(f"{path}: no items in {len(parts)} part files")
+    n = sum(len(a) for a in arrays)
+    header = {"descr": np.lib.format.dtype_to_descr(arrays[0].dtype), "fortran_order": False,
+              "shape": (n, *arrays[0].shape[1:])}
+    with atomic_write(path, "wb") as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            info = zipfile.ZipInfo(NPZ_MEMBER, date_time=_ZIP_EPOCH)
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_2_0(member, header)
+                for a in arrays:
+                    for i in range(0, len(a), chunk_items):
+                        member.write(np.ascontiguousarray(a[i:i + chunk_items]).tobytes())
+    return n
+
+
+def open_npz_array(path: str | os.PathLike, member: str = NPZ_MEMBER):
+    """``arr_0`` of an uncompressed ``.npz`` as a read-only memory map (numpy's ``np.load`` reads it whole);
+    compressed files fall back to ``np.load``."""
+    import struct
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        with np.load(path, allow_pickle=False) as z:
+            return z[member.removesuffix(".npy")]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = struct.unpack("<4s5H3L2H", f.read(30))  # the local file header: name and extra lengths last
+        f.seek(info.header_offset + 30 + local[-2] + local[-1])
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0(f))
+        offset = f.tell()
+    if fortran or dtype.hasobject:
+        raise ValueError(f"{path}: {member} is not a plain C-ordered array")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)

@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -50,40 +51,45 @@ def versions() -> dict:
 
 
 class ResultsStore:
-    """``results.jsonl``: rows keyed by (method, point); a point's rows are written together, atomically."""
+    """``results.jsonl``: rows keyed by (method, point); a point's rows are written together, atomically. Several
+    writers (one SLURM job per method) share the file: ``add`` re-reads it under a lock and adds to what is there."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.rows: list[dict] = []
-        if path.is_file():
-            for i, line in enumerate(path.read_text().splitlines(), 1):
+        self.rows = self._read()
+
+    def _read(self) -> list[dict]:
+        rows = []
+        if self.path.is_file():
+            for i, line in enumerate(self.path.read_text().splitlines(), 1):
                 try:
-                    self.rows.append(json.loads(line))
+                    rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{i}: not a JSON line ({e}); the run directory is damaged") from None
+                    raise UserError(f"{self.path}:{i}: not a JSON line ({e}); the run directory is damaged") from None
+        return rows
 
     def done(self, method: str, point: str) -> bool:
         return any(r["method"] == method and r["point"] == point for r in self.rows)
 
     def add(self, rows: list[dict]) -> None:
-        self.rows.extend(rows)
-        with atomic_write(self.path) as f:
-            f.writelines(json.dumps(r, default=float) + "\n" for r in self.rows)
+        from ulbench.lock import file_lock
+
+        with file_lock(self.path.with_name(".results.lock")):
+            self.rows = self._read()
+            new = {(r["method"], r["point"]) for r in rows}
+            self.rows = [r for r in self.rows if (r["method"], r["point"]) not in new] + rows
+            with atomic_write(self.path) as f:
+                f.writelines(json.dumps(r, default=float) + "\n" for r in self.rows)
 
 
 def save_grid(images_uint8: np.ndarray, path: Path) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    x = torch.from_numpy(images_uint8[:GRID_IMAGES]).permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.array(images_uint8[:GRID_IMAGES])).permute(0, 3, 1, 2)
     grid = make_grid(x, nrow=int(np.ceil(np.sqrt(len(x)))), padding=1).permute(1, 2, 0).numpy()
     with atomic_write(path, "wb") as f:
         Image.fromarray(grid).save(f, format="png")
-
-
-def save_images(images_uint8: np.ndarray, path: Path) -> None:
-    with atomic_write(path, "wb") as f:
-        np.savez(f, arr_0=images_uint8)
 
 
 def stable_fingerprint(fp: dict, reference: str) -> dict:
@@ -164,73 +170,125 @@ class Sweep:
                 "versions": self.versions, "grid": grid,
                 "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
+    def sharded_images(self, path: Path, n: int, produce, desc: str) -> tuple[np.ndarray, dict | None]:
+        """Items 0..n-1 made in ``SAMPLE_BATCH`` batches by ``produce(lo, hi)`` -> (uint8 NCHW images, dict of
+        per-image arrays), rank r making its contiguous share of the batches (the same batches, and so the same
+        bytes, under any world size) into a part file; rank 0 joins the parts into the ADM ``.npz`` ``path``.
+        Returns the images as a memory map on every rank and, on rank 0, the per-image arrays in index order."""
+        from ulbench import dist
+        from ulbench.io import open_npz_array, write_npz_from_parts
+
+        rank, world = dist.rank_world()
+        starts = dist.shard(n, SAMPLE_BATCH)
+        part = path.with_name(f"{path.stem}.part{rank}of{world}.npy")
+        tmp = part.with_name(part.name + ".tmp")  # renamed when complete: a killed rank leaves no partial part
+        path.parent.mkdir(parents=True, exist_ok=True)
+        extras: dict[str, list[np.ndarray]] = {}
+        mm = None
+        for lo in tqdm(starts, desc=desc, disable=not self.progress or rank != 0):
+            hi = min(lo + SAMPLE_BATCH, n)
+            images, extra = produce(lo, hi)
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if mm is None:
+                count = min(n, starts[-1] + SAMPLE_BATCH) - starts[0]
+                mm = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, *images.shape[1:]))
+            mm[lo - starts[0]: hi - starts[0]] = images
+            for k, v in extra.items():
+                extras.setdefault(k, []).append(np.asarray(v))
+        if mm is None:  # more ranks than batches: an empty share
+            with open(tmp, "wb") as f:
+                np.save(f, np.zeros((0,), np.uint8))
+        else:
+            mm.flush()
+            del mm
+        os.replace(tmp, part)
+        gathered = dist.gather_to_main({k: np.concatenate(v) for k, v in extras.items()})
+        if rank == 0:
+            parts = [path.with_name(f"{path.stem}.part{r}of{world}.npy") for r in range(world)]
+            write_npz_from_parts(path, parts)
+            for p in parts:
+                p.unlink()
+            extras = {k: np.concatenate([g[k] for g in gathered if k in g]) for k in gathered[0]}
+        dist.barrier()
+        return open_npz_array(path), (extras if rank == 0 else None)
+
     def evaluate_reconstructions(self, plan: MethodPlan, runner) -> list[dict]:
         """rFID, PSNR and bits/pixel of the stage-1 autoencoder on the first N dataset images."""
+        from ulbench import dist
         from ulbench.metrics.psnr import psnr_per_image
 
         ev, wanted = self.suite.evaluation, set(self.suite.evaluation.metrics)
         t0, n = time.perf_counter(), ev.num_reconstructions
         folder = self.run_dir / "methods" / plan.name / "points" / "stage1"
-        recon_parts, originals, bits = [], [], []
-        batches = self.data.batches(n, SAMPLE_BATCH)
-        for lo, (xb, _) in zip(tqdm(range(0, n, SAMPLE_BATCH), desc=f"{plan.name} reconstruct",
-                                    disable=not self.progress), batches):
-            xb = to_float(xb)
-            seeds = [self.suite.seeds.sample + i for i in range(lo, lo + len(xb))]
-            recon_parts.append(quantize_images(runner.reconstruct(xb, seeds, ev.sampler)).permute(0, 2, 3, 1).cpu())
-            originals.append(to_uint8(xb).permute(0, 2, 3, 1))
-            bits.append(runner.bits_per_pixel(xb, self.suite.seeds.sample + lo))
-        originals = torch.cat(originals).numpy()
-        recon = torch.cat(recon_parts).numpy()
-        save_images(recon, folder / "reconstructions.npz")
-        save_grid(np.concatenate([originals[:GRID_IMAGES // 2], recon[:GRID_IMAGES // 2]]), folder / "grid.png")
+
+        def produce(lo: int, hi: int):
+            xb = to_float(next(self.data.batches(hi, SAMPLE_BATCH, lo))[0])
+            seeds = [self.suite.seeds.sample + i for i in range(lo, hi)]
+            recon = quantize_images(runner.reconstruct(xb, seeds, ev.sampler)).cpu()
+            psnr = psnr_per_image(to_uint8(xb).permute(0, 2, 3, 1).numpy(), recon.permute(0, 2, 3, 1).numpy())
+            return recon, {"psnr": psnr, "bits": runner.bits_per_pixel(xb, self.suite.seeds.sample + lo).numpy()}
+
+        recon, per_image = self.sharded_images(folder / "reconstructions.npz", n, produce, f"{plan.name} reconstruct")
+        rfid = None
+        if "rfid" in wanted:
+            rfid = self.evaluator.fid(recon, self.dataset_images(n), bootstrap=ev.bootstrap,
+                                      seed=self.suite.seeds.sample)
+        if not dist.is_main():
+            return []
+        originals = next(self.data.batches(GRID_IMAGES // 2, GRID_IMAGES // 2))[0]
+        originals = to_uint8(to_float(originals)).permute(0, 2, 3, 1).numpy()
+        save_grid(np.concatenate([originals, recon[:GRID_IMAGES // 2]]), folder / "grid.png")
         grid = str((folder / "grid.png").relative_to(self.run_dir))
         rows = []
-        if "rfid" in wanted:
-            r = self.evaluator.fid(recon, self.dataset_images(n), bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
-            fp = self.fingerprint(r["fingerprint"], n)
-            rows.append(self.row(plan, "stage1", None, "rfid", r["fid"], r["n"], fp,
-                                 time.perf_counter() - t0, ci95=r.get("fid_ci95"), grid=grid))
+        if rfid is not None:
+            fp = self.fingerprint(rfid["fingerprint"], n)
+            rows.append(self.row(plan, "stage1", None, "rfid", rfid["fid"], rfid["n"], fp,
+                                 time.perf_counter() - t0, ci95=rfid.get("fid_ci95"), grid=grid))
         if "psnr" in wanted:
-            p = psnr_per_image(originals, recon)
+            p = per_image["psnr"]
             fp = {"metric": "psnr", "data_range": 255, "quantized": "uint8", "reduction": "per-image mean", "n": n}
             rows.append(self.row(plan, "stage1", None, "psnr", float(np.mean(p)), n, fp, time.perf_counter() - t0,
                                  std=float(np.std(p)), grid=grid))
         if "bits_per_pixel" in wanted:
-            b = torch.cat(bits).numpy()
+            b = per_image["bits"]
             fp = {"metric": "bits_per_pixel", "estimator": "prior L_z / (ln 2 H W), seeded Monte Carlo", "n": n}
             rows.append(self.row(plan, "stage1", None, "bits_per_pixel", float(b.mean()), n, fp,
                                  time.perf_counter() - t0, std=float(b.std()), grid=grid))
         return rows
 
     def generate(self, plan: MethodPlan, runner, guidance: float, path: Path) -> np.ndarray:
-        """num_samples images with per-sample seeds (seed + i), stored as an ADM .npz (reused when present)."""
-        if path.is_file():
-            with np.load(path) as z:
-                return z["arr_0"]
+        """num_samples images with per-sample seeds (seed + i), stored as an ADM .npz (reused when present) and
+        returned as a memory map; under torchrun each rank samples its share of the batches."""
+        from ulbench import dist
+        from ulbench.io import open_npz_array
+
+        if dist.all_true(path.is_file()):
+            return open_npz_array(path)
         ev = self.suite.evaluation
-        parts = []
-        for lo in tqdm(range(0, ev.num_samples, SAMPLE_BATCH), desc=f"{plan.name} sample g={guidance}",
-                       disable=not self.progress):
-            seeds = [self.suite.seeds.sample + i for i in range(lo, min(lo + SAMPLE_BATCH, ev.num_samples))]
+
+        def produce(lo: int, hi: int):
+            seeds = [self.suite.seeds.sample + i for i in range(lo, hi)]
             labels = _sample_labels(len(seeds), lo, self.suite, self.data.num_classes)
-            parts.append(quantize_images(runner.sample(seeds, labels, ev.sampler, guidance)).permute(0, 2, 3, 1).cpu())
-        images = torch.cat(parts).numpy()
-        save_images(images, path)
-        return images
+            return quantize_images(runner.sample(seeds, labels, ev.sampler, guidance)).cpu(), {}
+
+        return self.sharded_images(path, ev.num_samples, produce, f"{plan.name} sample g={guidance}")[0]
 
     def evaluate_samples(self, plan: MethodPlan, runner, rung: int) -> list[dict]:
+        from ulbench import dist
+
         ev, wanted, point = self.suite.evaluation, self.suite.evaluation.metrics, f"b{rung}"
         folder = self.run_dir / "methods" / plan.name / "points" / point
         rows = []
         for g in ev.guidance:
             t0 = time.perf_counter()
             images = self.generate(plan, runner, g, folder / f"samples_g{g:g}.npz")
-            save_grid(images, folder / f"grid_g{g:g}.png")
-            grid = str((folder / f"grid_g{g:g}.png").relative_to(self.run_dir))
             # Inception once per sample set: FID and KID both come from these features and the reference's
             a = self.evaluator.set_stats(images, keep_features=True)
             b = self.evaluator.set_stats(self.reference(), keep_features="kid" in wanted)
+            if not dist.is_main():
+                continue
+            save_grid(images, folder / f"grid_g{g:g}.png")
+            grid = str((folder / f"grid_g{g:g}.png").relative_to(self.run_dir))
             if "fid" in wanted:
                 r = self.evaluator.fid_from_stats(a, b, bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
                 fp = self.fingerprint(r["fingerprint"])
@@ -242,6 +300,19 @@ class Sweep:
                 rows.append(self.row(plan, point, rung, "kid", r["kid_mean"], r["n"], fp,
                                      time.perf_counter() - t0, std=r["kid_std"], guidance=g, grid=grid))
         return rows
+
+    def done(self, method: str, point: str) -> bool:
+        """Whether a point's rows are stored, as rank 0 sees it (every rank takes the same branch)."""
+        from ulbench import dist
+
+        return dist.broadcast_from_main(self.store.done(method, point))
+
+    def add(self, rows: list[dict]) -> None:
+        from ulbench import dist
+
+        if dist.is_main():
+            self.store.add(rows)
+        dist.barrier()
 
     def run_method(self, plan: MethodPlan) -> None:
         kind = get_kind(plan.kind)
@@ -255,27 +326,46 @@ class Sweep:
             log.info("%s: stage1 to step %d", plan.name, plan.stage1_steps)
             runner.train("stage1", plan.stage1_steps, resume=True)
             wants_recon = kind.reconstructs and {"rfid", "psnr", "bits_per_pixel"} & set(self.suite.evaluation.metrics)
-            if wants_recon and not self.store.done(plan.name, "stage1"):
-                self.store.add(self.evaluate_reconstructions(plan, runner))
+            if wants_recon and not self.done(plan.name, "stage1"):
+                self.add(self.evaluate_reconstructions(plan, runner))
                 log.info("%s: stage1 evaluated", plan.name)
             elif wants_recon:
                 log.info("%s: stage1 point already stored, skipped", plan.name)
         wants_samples = {"fid", "kid"} & set(self.suite.evaluation.metrics)
         for rung, steps in enumerate(plan.rung_steps if wants_samples else []):
-            if self.store.done(plan.name, f"b{rung}"):
+            if self.done(plan.name, f"b{rung}"):
                 log.info("%s: b%d already stored, skipped", plan.name, rung)
                 continue
             log.info("%s: %s to step %d (rung b%d)", plan.name, plan.final_stage, steps, rung)
             runner.train(plan.final_stage, steps, resume=True)
-            self.store.add(self.evaluate_samples(plan, runner, rung))
+            self.add(self.evaluate_samples(plan, runner, rung))
             log.info("%s: b%d evaluated", plan.name, rung)
 
     def run(self, plans: list[MethodPlan]) -> None:
-        for plan in plans:
-            self.run_method(plan)
+        """Every plan in order, holding the run directory's lock of each method (rank 0) while it runs."""
+        from ulbench import dist
+        from ulbench.lock import RunLock
+
+        lock = RunLock(self.run_dir)
+        try:
+            if dist.is_main():
+                for plan in plans:
+                    lock.acquire(plan.name)
+            dist.barrier()
+            for plan in plans:
+                self.run_method(plan)
+        finally:
+            lock.release()
 
 
 def _setup_logging(run_dir: Path) -> None:
+    """Rank 0 logs to ``logs/run.log`` and the terminal; other ranks (torchrun) only their warnings."""
+    from ulbench import dist
+
+    if not dist.is_main():
+        log.handlers[:] = [logging.StreamHandler()]
+        log.setLevel(logging.WARNING)
+        return
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "logs" / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -300,14 +390,17 @@ def start_run(suite_file: str, sets: list[str], runs_root: Path, name: str | Non
 
     suite = load_suite(suite_file, sets)
     check_paths(suite)
-    name = name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    from ulbench import dist
+
+    name = dist.broadcast_from_main(name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(runs_root) / suite.name / name
     if (run_dir / "config.json").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with `ulbench run --resume {run_dir}` or "
                         "pass another --name")
-    _setup_logging(run_dir)
     plans = make_plan(suite)
     check_method_files(suite, plans)
+    dist.barrier()  # every rank has checked the run directory before rank 0 creates it
+    _setup_logging(run_dir)
     config = {"suite": suite.name, "suite_file": str(suite_file), "sets": list(sets), "resolved": suite.to_dict(),
               "methods": {p.name: {"kind": p.kind, "preset": p.preset, "config": _jsonable(p.config),
                                    "train": p.train, "flops_per_image": p.flops_per_image,
@@ -316,7 +409,9 @@ def start_run(suite_file: str, sets: list[str], runs_root: Path, name: str | Non
                                    "rung_steps": p.rung_steps} for p in plans},
                 "git_commit": git_commit(), "versions": versions(),
                 "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    write_json(run_dir / "config.json", config)
+    if dist.is_main():
+        write_json(run_dir / "config.json", config)
+    dist.barrier()
     Sweep(suite, run_dir, progress).run(plans)
     return run_dir
 

@@ -40,10 +40,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         raise NotImplementedError
 
-    def batches(self, n: int | None = None, batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The first n items (all by default) in order, as stacked (images, labels) batches."""
+    def batches(self, n: int | None = None, batch_size: int = 64, start: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Items ``start`` .. n - 1 (the first n, all by default) in order, as stacked (images, labels) batches."""
         n = len(self) if n is None else min(n, len(self))
-        for lo in range(0, n, batch_size):
+        for lo in range(start, n, batch_size):
             items = [self[i] for i in range(lo, min(lo + batch_size, n))]
             yield torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
@@ -64,9 +65,9 @@ class MemoryDataset(ImageDataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
 
-    def batches(self, n: int | None = None, batch_size: int = 64):
+    def batches(self, n: int | None = None, batch_size: int = 64, start: int = 0):
         n = len(self) if n is None else min(n, len(self))
-        for lo in range(0, n, batch_size):
+        for lo in range(start, n, batch_size):
             yield self.images[lo: min(lo + batch_size, n)], self.labels_tensor[lo: min(lo + batch_size, n)]
 
     def fingerprint(self) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ulbench import assets
+from ulbench import assets, dist
 from ulbench.errors import UserError
 from ulbench.io import atomic_write
 from ulbench.metrics.images import ImageSource, prepare_batch, resolve_source
@@ -58,13 +58,24 @@ class ImageEvaluator:
 
     # images -> features
     def features(self, source: ImageSource, keep_features: bool = False) -> FeatureStats:
+        """Inception statistics of ``source``; under torchrun each rank embeds its contiguous share of the
+        ``batch_size`` batches and the float64 sums are all-reduced (features gathered on rank 0 if kept)."""
+        rank, world = dist.rank_world()
+        start, stop = 0, source.count
+        if world > 1:
+            if source.count is None:
+                raise UserError(f"{source.name}: a stream of unknown length cannot be split across ranks")
+            starts = dist.shard(source.count, self.batch_size)
+            start, stop = (starts[0], min(source.count, starts[-1] + self.batch_size)) if starts else (0, 0)
         stats = FeatureStats(FEATURE_DIM, keep_features=keep_features)
-        bar = tqdm(total=source.count, unit="img", desc=f"Inception {Path(source.name).name}",
-                   disable=not self.progress, leave=False)
-        for batch in source.batches(self.batch_size):
+        total = None if stop is None else stop - start
+        bar = tqdm(total=total, unit="img", desc=f"Inception {Path(source.name).name}",
+                   disable=not self.progress or rank != 0, leave=False)
+        for batch in (source.batches(self.batch_size, start, stop) if stop != start else []):
             stats.update(self.net(prepare_batch(batch, self.resize)))
             bar.update(len(batch))
         bar.close()
+        stats.reduce()
         if stats.n == 0:
             raise UserError(f"{source.name}: no images")
         return stats
@@ -78,14 +89,16 @@ class ImageEvaluator:
             return SetStats(Moments.load_npz(spec), str(spec), None, stats_file_sha256=assets.sha256_file(Path(spec)))
         source = resolve_source(spec, limit)
         cache = self._cache_path(source)
-        if cache is not None and cache.is_file():
-            hit = _read_cache(cache, keep_features)
-            if hit is not None:
-                return SetStats(hit[0], source.name, source.resolution, hit[1])
+        hit = _read_cache(cache, keep_features) if cache is not None and cache.is_file() else None
+        if dist.all_true(hit is not None):  # all ranks take the cached statistics, or all compute them
+            return SetStats(hit[0], source.name, source.resolution, hit[1])
         fs = self.features(source, keep_features)
-        out = SetStats(fs.moments(), source.name, source.resolution, fs.features if keep_features else None)
-        if cache is not None:
+        main = dist.is_main()
+        out = SetStats(fs.moments(), source.name, source.resolution,
+                       fs.features if keep_features and main else None)
+        if cache is not None and main:
             _write_cache(cache, out)
+        dist.barrier()  # the cache entry exists for every rank's next look-up
         return out
 
     def _cache_path(self, source: ImageSource) -> Path | None:
@@ -110,7 +123,7 @@ class ImageEvaluator:
 
     def fid_from_stats(self, a: SetStats, b: SetStats, bootstrap: int = 0, seed: int = 0) -> dict:
         out = {"fid": frechet_distance(a.moments, b.moments), "n": a.moments.n, "fingerprint": self.fingerprint(a, b)}
-        if bootstrap > 0:
+        if bootstrap > 0 and dist.is_main():  # the features are on rank 0 only (torchrun)
             lo, hi, bias = bootstrap_frechet(a.features, b.moments, bootstrap, seed=seed)
             out["fid_ci95"] = [lo, hi]
             out["bootstrap_bias"] = bias

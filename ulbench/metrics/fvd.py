@@ -35,16 +35,21 @@ def _as_clip_list(clips: Clips) -> Sequence[np.ndarray | torch.Tensor]:
     return clips
 
 
-def _feature_batches(model: torch.nn.Module, clips: Clips, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
-    """Yield float32 (B, 400) CPU logits per batch of clips; each clip is resized on its own (sizes may differ)."""
+def _feature_batches(model: torch.nn.Module, clips: Clips, batch_size: int, progress: bool,
+                     sharded: bool = False) -> Iterator[torch.Tensor]:
+    """Yield float32 (B, 400) CPU logits per batch of clips; each clip is resized on its own (sizes may differ).
+    ``sharded``: only this rank's contiguous share of the batches (torchrun)."""
+    from ulbench import dist
+
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     seq = _as_clip_list(clips)
     device = next(model.parameters()).device
     model.eval()
-    bar = tqdm(total=len(seq), desc="I3D features", unit="clip", disable=not progress)
+    starts = dist.shard(len(seq), batch_size) if sharded else range(0, len(seq), batch_size)
+    bar = tqdm(total=len(seq), desc="I3D features", unit="clip", disable=not progress or not dist.is_main())
     with torch.inference_mode():
-        for lo in range(0, len(seq), batch_size):
+        for lo in starts:
             batch = [preprocess_clips(torch.as_tensor(c)[None]) for c in seq[lo:lo + batch_size]]
             x = torch.cat(batch).to(device)  # (B, 3, T, 224, 224) in [-1, 1]
             logits = model(x)  # (B, 400)
@@ -64,11 +69,12 @@ def clip_features(model: torch.nn.Module, clips: Clips, batch_size: int = DEFAUL
 
 def clip_moments(model: torch.nn.Module, clips: Clips, batch_size: int = DEFAULT_BATCH_SIZE,
                  progress: bool = True) -> Moments:
-    """Float64 mean and covariance of the clips' I3D logits, streamed through ``FeatureStats``."""
+    """Float64 mean and covariance of the clips' I3D logits, streamed through ``FeatureStats`` (under torchrun
+    each rank embeds its share and the sums are all-reduced)."""
     stats = FeatureStats(dim=NUM_CLASSES)
-    for feats in _feature_batches(model, clips, batch_size, progress):
+    for feats in _feature_batches(model, clips, batch_size, progress, sharded=True):
         stats.update(feats)
-    return stats.moments()
+    return stats.reduce().moments()
 
 
 def fvd_from_clips(model: torch.nn.Module, clips_a: Clips | Moments, clips_b: Clips | Moments,

@@ -53,16 +53,18 @@ def _as_hwc_list(batch: object, where: str) -> list[np.ndarray]:
 
 @dataclass
 class ImageSource:
-    """A named, countable stream of uint8 images. ``identity`` is a stable cache key (None: never cached)."""
+    """A named, countable stream of uint8 images. ``identity`` is a stable cache key (None: never cached).
+    ``batches(batch_size, start, stop)`` streams images ``start`` .. ``stop - 1`` (a rank's share under torchrun);
+    a one-pass iterable cannot start anywhere but 0."""
 
     name: str
     count: int | None
-    _batches: object = field(repr=False)  # callable(batch_size) -> Iterator[list[np.ndarray]]
+    _batches: object = field(repr=False)  # callable(batch_size, start, stop) -> Iterator[list[np.ndarray]]
     identity: str | None = None
     resolution: tuple[int, int] | None = None  # (H, W) if known and uniform
 
-    def batches(self, batch_size: int) -> Iterator[list[np.ndarray]]:
-        return self._batches(batch_size)
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[list[np.ndarray]]:
+        return self._batches(batch_size, start, self.count if stop is None else stop)
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -87,9 +89,9 @@ def folder_source(folder: Path, limit: int | None = None) -> ImageSource:
         st = p.stat()
         h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
-    def batches(batch_size: int) -> Iterator[list[np.ndarray]]:
-        for i in range(0, len(files), batch_size):
-            yield [_decode(p) for p in files[i: i + batch_size]]
+    def batches(batch_size: int, start: int, stop: int) -> Iterator[list[np.ndarray]]:
+        for i in range(start, stop, batch_size):
+            yield [_decode(p) for p in files[i: min(i + batch_size, stop)]]
 
     with Image.open(files[0]) as im:
         res = (im.height, im.width)
@@ -116,9 +118,9 @@ def load_npz_images(path: Path) -> np.ndarray:
 def array_source(arr: np.ndarray | torch.Tensor, name: str = "array", identity: str | None = None) -> ImageSource:
     items = _as_hwc_list(arr, name)
 
-    def batches(batch_size: int) -> Iterator[list[np.ndarray]]:
-        for i in range(0, len(items), batch_size):
-            yield items[i: i + batch_size]
+    def batches(batch_size: int, start: int, stop: int) -> Iterator[list[np.ndarray]]:
+        for i in range(start, stop, batch_size):
+            yield items[i: min(i + batch_size, stop)]
 
     return ImageSource(name, len(items), batches, identity=identity, resolution=items[0].shape[:2])
 
@@ -126,7 +128,10 @@ def array_source(arr: np.ndarray | torch.Tensor, name: str = "array", identity: 
 def iterable_source(batches_iter: Iterable, name: str = "generator", count: int | None = None) -> ImageSource:
     """Samples produced on the fly: each item a uint8 batch. Consumed once; re-batched to ``batch_size``."""
 
-    def batches(batch_size: int) -> Iterator[list[np.ndarray]]:
+    def batches(batch_size: int, start: int, stop: int | None) -> Iterator[list[np.ndarray]]:
+        if start != 0 or (stop is not None and count is not None and stop < count):
+            raise UserError(f"{name}: a one-pass stream of images cannot be split across ranks; run it in one "
+                            "process or give a folder or .npz")
         pending: list[np.ndarray] = []
         for b in batches_iter:
             pending.extend(_as_hwc_list(b, name))
@@ -146,8 +151,8 @@ def dataset_source(dataset, limit: int | None = None, name: str | None = None) -
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
 
-    def batches(batch_size: int) -> Iterator[list[np.ndarray]]:
-        for x, _ in dataset.batches(n, batch_size):
+    def batches(batch_size: int, start: int, stop: int) -> Iterator[list[np.ndarray]]:
+        for x, _ in dataset.batches(stop, batch_size, start):
             yield list(to_uint8(x).permute(0, 2, 3, 1).numpy())
 
     return ImageSource(name or f"dataset {dataset.name}", n, batches,

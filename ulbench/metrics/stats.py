@@ -43,6 +43,23 @@ class FeatureStats:
         if self.keep_features:
             self._kept.append(x.to(torch.float32))
 
+    def reduce(self) -> "FeatureStats":
+        """Combine the ranks' statistics (torchrun): float64 sums and counts are all-reduced, so every rank holds
+        the moments of the whole set; kept features (KID, bootstrap) are gathered, in rank order, on rank 0 only."""
+        from ulbench import dist
+
+        if dist.rank_world()[1] == 1:
+            return self
+        if self._sum is None:  # a rank with no share of a small set
+            self._sum = torch.zeros(self.dim, dtype=torch.float64)
+            self._sum_outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.n = int(dist.all_reduce_sum(torch.tensor([self.n], dtype=torch.float64)).item())
+        self._sum, self._sum_outer = dist.all_reduce_sum(self._sum), dist.all_reduce_sum(self._sum_outer)
+        if self.keep_features:
+            parts = dist.gather_to_main(self._kept)
+            self._kept = [t for part in parts for t in part] if parts is not None else []
+        return self
+
     @property
     def features(self) -> torch.Tensor:
         """All features seen (float32, (N, D)); only with ``keep_features=True`` (KID, bootstrap)."""
