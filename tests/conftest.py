@@ -73,3 +73,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SLURM_SCRIPTS = Path(__file__).parent / "slurm"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM cluster (munged, slurmctld, slurmd) for this session.
+
+    tests/slurm/start.sh installs Debian's slurm-wlm and munge if missing, writes a slurm.conf for this host
+    and starts the daemons with all their files in a tmp dir; tests/slurm/stop.sh stops exactly those pids at
+    teardown. Yields a namespace: ``env`` (os.environ with SLURM_CONF set and other SLURM_* removed, for
+    subprocess), ``conf`` (the slurm.conf path), ``state_dir`` and ``summary`` (start.sh's line).
+    A requeued job waits ~11 s (cred_expire=10, + 1 s) before it starts again.
+    """
+    import shutil
+    import subprocess
+    from types import SimpleNamespace
+
+    if os.geteuid() != 0:
+        pytest.skip("slurm_cluster needs root (slurmd/slurmctld run as SlurmUser=root)")
+    sbin_path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    have_slurm = all(shutil.which(b, path=sbin_path) for b in ("munged", "slurmctld", "slurmd", "sbatch"))
+    if not have_slurm and shutil.which("apt-get") is None:
+        pytest.fail("slurm_cluster: slurm/munge are not installed and apt-get is not available to install them")
+    state = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh"), str(state)],
+                           capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    if start.returncode != 0:
+        pytest.fail(f"tests/slurm/start.sh failed (exit {start.returncode}):\n{start.stdout}\n{start.stderr}")
+    conf = state / "slurm.conf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_CONF=str(conf), PATH=sbin_path)
+    try:
+        yield SimpleNamespace(env=env, conf=conf, state_dir=state, summary=start.stdout.strip())
+    finally:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh"), str(state)], timeout=120, stdin=subprocess.DEVNULL)
