@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,14 @@ def measure_step(step: StepInputs) -> StepFlops:
             loss.mean().backward()
     step.module.zero_grad(set_to_none=True)
     return StepFlops(batch_size, forward_counter.get_total_flops(), backward_counter.get_total_flops())
+
+
+def measure_forward(run: Callable[[], object]) -> int:
+    """FLOPs of ``run()``, a forward without gradients on meta tensors (a sampling or feature-extraction call),
+    counted as ``measure_step`` counts a training forward."""
+    with torch.no_grad(), _SdpaAsOnCpu(), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 def trainable_params(module: nn.Module) -> int:

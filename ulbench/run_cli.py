@@ -38,8 +38,10 @@ def cmd_run(args) -> None:
 
 def _dry_run(args) -> None:
     from ulbench.plan import estimate_times, format_plan, make_plan, resolve_device
+    from ulbench.plan_gpu import format_gpu_plan, gpu_options
     from ulbench.suite import load_suite
 
+    gpu = gpu_options(args.gpu, args.gpus, args.mfu)  # checked before anything is counted
     suite = load_suite(args.suite, args.set)
     plans = make_plan(suite)
     try:
@@ -50,6 +52,8 @@ def _dry_run(args) -> None:
     if not args.no_timing:
         estimate_times(plans, device)
     print(format_plan(suite, plans, device))
+    if gpu is not None:
+        print(format_gpu_plan(suite, plans, gpu))
     print(f"(dry run: nothing trained; a run would write {Path(args.runs_dir) / suite.name}/<name>/)")
 
 
@@ -96,6 +100,10 @@ def register(sub, lsub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite key")
     p.add_argument("--dry-run", action="store_true", help="print the plan and estimates; train nothing")
     p.add_argument("--no-timing", action="store_true", help="with --dry-run: skip the timed step (FLOPs only)")
+    p.add_argument("--gpu", help="with --dry-run: plan in GPU-hours on this GPU (h100, h200, a100: dense bf16 peaks)")
+    p.add_argument("--gpus", type=int, help="with --gpu: GPUs to divide the wall-clock hours by (default: 1)")
+    p.add_argument("--mfu", type=float, help="with --gpu: model FLOP utilization, 0 < F <= 1 (default: 0.4, an "
+                   "assumption; use what your own runs achieve)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check", help="compare a run with a baseline file; exit 1 on regression",

@@ -29,6 +29,18 @@ class StepInputs:
 
 
 @dataclass
+class NetworkCall:
+    """A network evaluation that generating or reconstructing one image makes ``per_image`` times; ``guided``: it is
+    the classifier-free-guided one (a guidance scale other than 1 adds the unconditional pass). ``run()`` makes one
+    conditional call on a batch of inputs (meta tensors: for FLOP counting)."""
+
+    name: str
+    per_image: int
+    run: Callable[[], Any]
+    guided: bool = False
+
+
+@dataclass
 class TrainData:
     """What a runner trains on: a dataset (``ulbench.data.base.ImageDataset``), whether to add mirrored copies
     (EDM2's ``xflip``: 2N items, and latent caches keep both), and DataLoader worker processes."""
@@ -65,6 +77,8 @@ class MethodKind(Protocol):
                 num_classes: int | None = None) -> Any: ...
     def stages_for(self, config: Any) -> tuple[str, ...]: ...  # the stages this config trains (a subset of stages)
     def step_inputs(self, config: Any, stage: str, batch_size: int, device: str | torch.device) -> StepInputs: ...
+    def evaluation_calls(self, config: Any, sampler: dict, batch_size: int,
+                         device: str | torch.device) -> dict[str, list[NetworkCall]]: ...  # "sample", "reconstruct"
     def runner(self, config: Any, train: dict[str, Any], workdir: Path, device: str, precision: str,
                data: TrainData, progress: bool) -> Runner: ...
 
@@ -136,7 +150,15 @@ class RunnerBase:
         self.device, self.precision, self.progress, self.data = device, precision, progress, data
 
     def train_config(self, stage: str, steps: int):
-        return stage_train_config(self.train_overrides, stage, steps, self.precision)
+        from ul_model.train import distributed, micro_batches
+        from ulbench.errors import UserError
+
+        cfg = stage_train_config(self.train_overrides, stage, steps, self.precision)
+        try:
+            micro_batches(cfg, distributed()[1])
+        except ValueError as e:
+            raise UserError(f"train.{stage}: {e}") from None
+        return cfg
 
     def trained_steps(self, stage: str) -> int:
         latest = self.workdir / stage / "latest.json"

@@ -16,8 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from ul_model.stages import image_input
-from ulbench.methods.base import RunnerBase, StepInputs, TrainData, apply_overrides
+from ulbench.methods.base import NetworkCall, RunnerBase, StepInputs, TrainData, apply_overrides
 
+# network evaluations of a sampling pass of ``steps`` steps: DiT's respaced ancestral loop makes one per step
+# (dit.generate), EDM's Heun sampler two, but one on the last step, to sigma = 0 (edm2.heun_sample)
+EVALUATIONS_PER_PASS = {"dit": lambda steps: steps, "edm2": lambda steps: 2 * steps - 1}
 LATENT_STATS_IMAGES = 65536  # latents measured for a harness-trained VAE's normalization [choice]
 
 
@@ -115,6 +118,25 @@ class LDM:
             model = fam.build(config.backbone)
             z = torch.randn(batch_size, *config.latent_shape)
             return StepInputs(model, lambda net, b: fam.training_losses(net, config.backbone, b[0], b[1]), (z, labels))
+
+    def evaluation_calls(self, config: LDMConfig, sampler: dict, batch_size: int,
+                         device) -> dict[str, list[NetworkCall]]:
+        """The networks ``LDMRunner.sample`` and ``reconstruct`` (with ``bits_per_pixel``) run per image."""
+        from baselines import kl_vae
+
+        with torch.device(device):
+            vae = kl_vae.build_vae(replace(config.vae, pretrained=None)).eval()
+            net = self._module().build(config.backbone).eval()
+            x = torch.zeros(batch_size, config.vae.in_channels, config.resolution, config.resolution)
+            z = torch.zeros(batch_size, *config.latent_shape)
+            labels = torch.zeros(batch_size, dtype=torch.long)
+            noise_level = labels if self.family == "dit" else torch.ones(batch_size)  # DiT: timestep; EDM2: sigma
+        backbone = NetworkCall(self.family, EVALUATIONS_PER_PASS[self.family](sampler["steps"]),
+                               lambda: net(z, noise_level, labels), guided=True)
+        decoder = NetworkCall("vae decoder", 1, lambda: kl_vae.decode(vae, z))
+        encoder = NetworkCall("vae encoder", 1, lambda: kl_vae.encode(vae, x))
+        return {"sample": [backbone, decoder],
+                "reconstruct": [encoder, decoder, replace(encoder, name="bits/pixel (vae encoder)")]}
 
     def runner(self, config: LDMConfig, train: dict[str, dict], workdir: Path, device: str, precision: str,
                data: TrainData, progress: bool) -> LDMRunner:

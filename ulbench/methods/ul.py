@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ul_model.stages import image_input
-from ulbench.methods.base import RunnerBase, StepInputs, TrainData, apply_overrides
+from ulbench.methods.base import NetworkCall, RunnerBase, StepInputs, TrainData, apply_overrides
 
 
 class UL:
@@ -45,6 +45,23 @@ class UL:
                 return StepInputs(model, lambda net, b: net(b[0]), (x, labels))
             z = torch.randn(batch_size, *config.latent_shape)
             return StepInputs(model, lambda net, b: net(b[0], b[1]), (z, labels))
+
+    def evaluation_calls(self, config: Any, sampler: dict, batch_size: int,
+                         device: str | torch.device) -> dict[str, list[NetworkCall]]:
+        """The networks ``ULRunner.sample`` and ``reconstruct`` (with ``bits_per_pixel``) run per image."""
+        from ul_model.model import UnifiedLatents
+
+        with torch.device(device):
+            model = UnifiedLatents(config).eval()
+            x = torch.zeros(batch_size, config.image_channels, config.resolution, config.resolution)
+            z = torch.zeros(batch_size, *config.latent_shape)
+            lam, labels = torch.zeros(batch_size), torch.zeros(batch_size, dtype=torch.long)
+        # ul_model.sampling.sample: one prediction per step, then the final clean one
+        decoder = NetworkCall("decoder", sampler["decoder_steps"] + 1, lambda: model.decoder(x, lam, z))
+        return {"sample": [NetworkCall("base model", sampler["steps"] + 1, lambda: model.base(z, lam, labels),
+                                       guided=True), decoder],
+                "reconstruct": [NetworkCall("encoder", 1, lambda: model.encoder(x)), decoder,
+                                NetworkCall("bits/pixel (stage-1 terms)", 1, lambda: model.stage1_terms(x))]}
 
     def runner(self, config: Any, train: dict[str, dict], workdir: Path, device: str, precision: str,
                data: TrainData, progress: bool) -> ULRunner:
