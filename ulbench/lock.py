@@ -39,6 +39,20 @@ class RunLock:
             datetime.timezone.utc).isoformat(timespec="seconds"), "job": os.environ.get("SLURM_JOB_ID")}).encode(), 0)
         self._held[scope] = fd
 
+    def held_by_other(self, scope: str) -> bool:
+        """Whether another process holds ``scope`` now (probed without keeping the lock)."""
+        path = self.folder / f"{scope}.lock"
+        if not path.is_file():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         for fd in self._held.values():
             os.close(fd)  # closing the descriptor drops the flock

@@ -11,29 +11,77 @@ RUN_EXAMPLES = """examples:
   ulbench run suites/smoke.yaml --name ci                # into runs/smoke/ci/
   ulbench run suites/fashion-mnist.yaml --dry-run        # the plan: methods, budgets, FLOPs, estimated wall time
   ulbench run suites/imagenet512.yaml --set dataset.path=/data/imagenet/train --set device=cuda
-  ulbench run --resume runs/smoke/ci                     # continue a killed sweep; finished points are kept"""
+  ulbench run --resume runs/smoke/ci                     # continue a killed sweep; finished points are kept
+  torchrun --nproc-per-node 8 -m ulbench run suites/imagenet512.yaml --name main    # data-parallel, one node
+  ulbench run suites/imagenet512.yaml --launcher slurm --nodes 8 --gpus-per-node 8 --partition gpu --wait"""
 CHECK_EXAMPLES = """examples:
   ulbench check runs/smoke/ci --baseline reports/baselines/smoke.json   # exit 1 and a diff table on regression"""
 BASELINE_EXAMPLES = """examples:
   ulbench baseline runs/smoke/ci -o reports/baselines/smoke.json   # measured values + default tolerances"""
 
 
-def cmd_run(args) -> None:
-    from ulbench.sweep import resume_run, start_run
+def cmd_run(args) -> int:
+    import os
 
+    from ul_model.train import DIST_TIMEOUT_ENV
+    from ulbench.sweep import create_run, load_run_plans, resume_run
+
+    if args.dist_timeout is not None:
+        if args.dist_timeout <= 0:
+            raise UserError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+        os.environ[DIST_TIMEOUT_ENV] = str(args.dist_timeout)
+    if args.launcher not in ("local", "slurm"):
+        raise UserError(f"--launcher {args.launcher}: choose local or slurm")
     if args.resume:
         if args.suite or args.set or args.name:
             raise UserError("--resume RUN takes the suite and settings stored in RUN/config.json; drop SUITE, "
                             "--set and --name")
-        run_dir = resume_run(args.resume, progress=not args.no_progress)
+        run_dir = Path(args.resume)
+        load_run_plans(run_dir)  # a damaged or changed run fails here, before anything is submitted
     elif args.suite is None:
         raise UserError("give a suite file (e.g. `ulbench run suites/smoke.yaml`) or --resume RUN")
     elif args.dry_run:
         _dry_run(args)
-        return
+        return 0
     else:
-        run_dir = start_run(args.suite, args.set, Path(args.runs_dir), args.name, progress=not args.no_progress)
-    print(f"results: {run_dir / 'results.jsonl'}\nreport:  ulbench report {run_dir}")
+        run_dir = create_run(args.suite, args.set, Path(args.runs_dir), args.name)
+    if args.launcher == "local":
+        resume_run(run_dir, progress=not args.no_progress)
+        print(f"results: {run_dir / 'results.jsonl'}\nreport:  ulbench report {run_dir}")
+        return 0
+    return _run_slurm(args, run_dir)
+
+
+def _run_slurm(args, run_dir: Path) -> int:
+    import json
+
+    from ulbench.launch import SlurmOptions, format_status, run_status, submit_slurm, wait_for_jobs
+
+    opts = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                        tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, time_min=args.time,
+                        account=args.account, qos=args.qos)
+    methods = list(json.loads((run_dir / "config.json").read_text())["methods"])
+    jobs = submit_slurm(run_dir, methods, opts)
+    for m, j in jobs.items():
+        print(f"{m}: SLURM job {j['job_id']}, log {j['stderr']}")
+    print(f"status:  ulbench status {run_dir}")
+    if not args.wait:
+        return 0
+    ok = wait_for_jobs(run_dir, progress=not args.no_progress)
+    print(format_status(run_dir, *run_status(run_dir)))
+    return 0 if ok else 1
+
+
+def cmd_status(args) -> None:
+    from ulbench.launch import format_status, run_status
+
+    rows, states = run_status(args.run)
+    if args.json:
+        import json
+
+        print(json.dumps({"points": rows, "methods": states}))
+    else:
+        print(format_status(Path(args.run), rows, states))
 
 
 def _dry_run(args) -> None:
@@ -105,7 +153,28 @@ def register(sub, lsub) -> None:
     p.add_argument("--mfu", type=float, help="with --gpu: model FLOP utilization, 0 < F <= 1 (default: 0.4, an "
                    "assumption; use what your own runs achieve)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dist-timeout", type=float, metavar="S",
+                   help="under torchrun/SLURM: seconds a rank waits for a dead peer before all exit (default 1800)")
+    p.add_argument("--launcher", default="local", help="local (this process, or torchrun's group; default) or "
+                   "slurm (one job per method through submitit)")
+    g = p.add_argument_group("SLURM (--launcher slurm)")
+    g.add_argument("--partition")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=0)
+    g.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU, 1 without GPUs)")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--time", type=int, default=24 * 60, metavar="MIN", help="job time limit in minutes; a job "
+                   "that reaches it is requeued and resumes (default 1440)")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--wait", action="store_true", help="block until every job ends; exit 1 if one failed")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("status", help="per method and point of a run: done / running / queued / failed",
+                       description="State of a run directory's methods and points, with each job's last log line.",
+                       epilog="examples:\n  ulbench status runs/imagenet512/main", formatter_class=fmt)
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
     p = sub.add_parser("check", help="compare a run with a baseline file; exit 1 on regression",
                        description="Regression check against reports/baselines/<suite>.json", epilog=CHECK_EXAMPLES,
                        formatter_class=fmt)

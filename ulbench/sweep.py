@@ -384,14 +384,13 @@ def check_method_files(suite, plans: list[MethodPlan]) -> None:
                 raise UserError(f"{suite.file}: methods[{i}] ({p.name}): {e}") from None
 
 
-def start_run(suite_file: str, sets: list[str], runs_root: Path, name: str | None, progress: bool = True) -> Path:
-    """A new run directory with its config.json, then the sweep."""
+def create_run(suite_file: str, sets: list[str], runs_root: Path, name: str | None) -> Path:
+    """A new run directory holding its config.json (resolved suite, plan, versions); nothing trained yet."""
+    from ulbench import dist
     from ulbench.suite import check_paths
 
     suite = load_suite(suite_file, sets)
     check_paths(suite)
-    from ulbench import dist
-
     name = dist.broadcast_from_main(name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(runs_root) / suite.name / name
     if (run_dir / "config.json").exists():
@@ -400,24 +399,29 @@ def start_run(suite_file: str, sets: list[str], runs_root: Path, name: str | Non
     plans = make_plan(suite)
     check_method_files(suite, plans)
     dist.barrier()  # every rank has checked the run directory before rank 0 creates it
-    _setup_logging(run_dir)
-    config = {"suite": suite.name, "suite_file": str(suite_file), "sets": list(sets), "resolved": suite.to_dict(),
+    # The suite path is stored absolute: a resumed run or a SLURM job may start in another working directory.
+    config = {"suite": suite.name, "suite_file": str(Path(suite_file).resolve()), "sets": list(sets),
+              "resolved": suite.to_dict(),
               "methods": {p.name: {"kind": p.kind, "preset": p.preset, "config": _jsonable(p.config),
                                    "train": p.train, "flops_per_image": p.flops_per_image,
                                    "forward_macs_per_image": p.forward_macs_per_image, "params": p.params,
                                    "batch_size": p.batch_size, "stage1_steps": p.stage1_steps,
                                    "rung_steps": p.rung_steps} for p in plans},
-                "git_commit": git_commit(), "versions": versions(),
-                "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+              "git_commit": git_commit(), "versions": versions(),
+              "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if dist.is_main():
         write_json(run_dir / "config.json", config)
     dist.barrier()
-    Sweep(suite, run_dir, progress).run(plans)
     return run_dir
 
 
-def resume_run(run_dir: str | Path, progress: bool = True) -> Path:
-    """Continue a killed sweep: same suite (checked), finished points skipped, training from the last checkpoint."""
+def start_run(suite_file: str, sets: list[str], runs_root: Path, name: str | None, progress: bool = True) -> Path:
+    """A new run directory, then the sweep of every method in this process group."""
+    return resume_run(create_run(suite_file, sets, runs_root, name), progress=progress)
+
+
+def load_run_plans(run_dir: str | Path):
+    """(suite, plans, config) of a run directory, checked against what it was started with."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -427,12 +431,25 @@ def resume_run(run_dir: str | Path, progress: bool = True) -> Path:
     if json.loads(json.dumps(suite.to_dict())) != config["resolved"]:
         raise UserError(f"{config['suite_file']} changed since {run_dir} started; resuming would mix two protocols. "
                         "Restore the suite file or start a new run.")
-    _setup_logging(run_dir)
     plans = make_plan(suite)
     for p in plans:
         if p.rung_steps != config["methods"][p.name]["rung_steps"]:
             raise UserError(f"{run_dir}: the measured FLOPs of {p.name} changed (code changed?): steps "
                             f"{p.rung_steps} vs {config['methods'][p.name]['rung_steps']}; start a new run")
+    return suite, plans, config
+
+
+def resume_run(run_dir: str | Path, progress: bool = True, methods: list[str] | None = None) -> Path:
+    """Run (or continue) the sweep of a run directory: finished points skipped, training from the last checkpoint.
+    ``methods``: only these (a SLURM job runs one); the launchers all come through here."""
+    run_dir = Path(run_dir)
+    suite, plans, _ = load_run_plans(run_dir)
+    if methods is not None:
+        unknown = sorted(set(methods) - {p.name for p in plans})
+        if unknown:
+            raise UserError(f"{run_dir}: no method {unknown} in this run; it has {[p.name for p in plans]}")
+        plans = [p for p in plans if p.name in methods]
+    _setup_logging(run_dir)
     Sweep(suite, run_dir, progress).run(plans)
     return run_dir
 
