@@ -56,6 +56,97 @@ def tf_weights_pt(tmp_path_factory, inception_weights) -> Path:
     return path
 
 
+# A micro suite: real UL training on real photo crops, real Inception FID/KID, three nested budgets. The micro-batches
+# make its training the same under 1 and 2 ranks (noise is seeded per micro-batch): tests/test_distributed.py.
+MICRO = """
+version: 1
+name: micro
+dataset: {name: photos, resolution: 32, subset: 512}
+methods:
+  - name: ul
+    preset: ul-tiny
+    train:
+      stage1: {batch_size: 16, micro_batch: 8, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 10}
+      stage2: {batch_size: 32, micro_batch: 16, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 10}
+compute:
+  ladder: [1.0e11, 2.0e11, 3.0e11]
+  stage1: {train_flops: 1.0e12}
+evaluation:
+  metrics: [fid, kid, psnr, bits_per_pixel]
+  num_samples: 48
+  num_reconstructions: 32
+  kid_subset_size: 24
+  sampler: {method: ancestral, steps: 8, decoder_steps: 8}
+"""
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("suite")
+    (folder / "micro.yaml").write_text(MICRO)
+    return folder / "micro.yaml"
+
+
+@pytest.fixture(scope="session")
+def clean_run(micro, tmp_path_factory) -> Path:
+    """The micro suite run once, uninterrupted, in this process: what other runs of it must reproduce."""
+    from ulbench.sweep import start_run
+
+    return start_run(str(micro), [], tmp_path_factory.mktemp("runs"), "clean", progress=False)
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """RANK -> pid of torchrun's worker processes (children of ``parent``)."""
+    out = {}
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            env = dict(e.split("=", 1) for e in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in e)
+        except OSError:
+            continue
+        if "RANK" in env:
+            out[int(env["RANK"])] = int(child)
+    return out
+
+
+@pytest.fixture(scope="session")
+def torchrun_run(micro, tmp_path_factory):
+    """The micro suite under ``torchrun --nproc-per-node 2``: while it trains, a second writer is refused; rank 1 is
+    SIGKILLed after the first rung is stored; ``--resume`` under torchrun finishes it. Records what happened."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    runs = tmp_path_factory.mktemp("torchrun")
+    run = runs / "micro" / "k"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "ulbench"]
+    proc = subprocess.Popen([*torchrun, "run", str(micro), "--runs-dir", str(runs), "--name", "k", "--no-progress",
+                             "--dist-timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    deadline, second = time.time() + 900, None
+    while time.time() < deadline and proc.poll() is None:
+        rows = (run / "results.jsonl").read_text().splitlines() if (run / "results.jsonl").is_file() else []
+        if second is None and (run / "locks" / "ul.lock").is_file():
+            second = run_cli("run", "--resume", str(run), "--no-progress")  # a second writer, while it runs
+        if any(json.loads(r)["point"] == "b0" for r in rows):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before it could be killed:\n" + proc.stdout.read()[-3000:]
+    before = [json.loads(r) for r in (run / "results.jsonl").read_text().splitlines()]
+    holder = json.loads((run / "locks" / "ul.lock").read_text())
+    t_kill = time.time()
+    os.kill(_worker_pids(proc.pid)[1], signal.SIGKILL)
+    killed_rc = proc.wait(timeout=300)
+    killed_output, exit_s = proc.stdout.read(), time.time() - t_kill
+    resumed = subprocess.run([*torchrun, "run", "--resume", str(run), "--no-progress"], capture_output=True,
+                             text=True, env=env)
+    return SimpleNamespace(run=run, second=second, holder=holder, killed_rc=killed_rc, exit_s=exit_s,
+                           killed_output=killed_output, before=before, resumed=resumed)
+
+
 def run_cli(*args: str, env: dict | None = None):
     import subprocess
     import sys

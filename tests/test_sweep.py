@@ -1,5 +1,6 @@
-"""The suite runner end to end on a micro suite (real UL training on real photo crops, real Inception FID):
-nested budgets, kill -9 and resume, the regression check against an injected sampler bug, dry runs of every suite.
+"""The suite runner end to end on a micro suite (real UL training on real photo crops, real Inception FID and KID):
+nested budgets, the regression check against an injected sampler bug, dry runs of every suite (kill -9 and resume
+under torchrun: tests/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -19,25 +20,6 @@ from ulbench.check import compare, write_baseline
 from ulbench.sweep import start_run
 
 SUITES = Path(__file__).parents[1] / "suites"
-MICRO = """
-version: 1
-name: micro
-dataset: {name: photos, resolution: 32, subset: 512}
-methods:
-  - name: ul
-    preset: ul-tiny
-    train:
-      stage1: {batch_size: 16, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 10}
-      stage2: {batch_size: 32, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 10}
-compute:
-  ladder: [1.0e11, 2.0e11, 3.0e11]
-  stage1: {train_flops: 1.0e12}
-evaluation:
-  metrics: [fid, psnr, bits_per_pixel]
-  num_samples: 48
-  num_reconstructions: 32
-  sampler: {method: ancestral, steps: 8, decoder_steps: 8}
-"""
 
 
 def _rows(run: Path) -> list[dict]:
@@ -48,23 +30,11 @@ def _keys(rows: list[dict]) -> list[tuple]:
     return [(r["method"], r["point"], r["metric"], r["guidance"]) for r in rows]
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("suite")
-    (folder / "micro.yaml").write_text(MICRO)
-    return folder / "micro.yaml"
-
-
-@pytest.fixture(scope="module")
-def clean_run(micro, tmp_path_factory) -> Path:
-    return start_run(str(micro), [], tmp_path_factory.mktemp("runs"), "clean", progress=False)
-
-
 def test_sweep_writes_every_point_with_nested_budgets(clean_run):
     rows = _rows(clean_run)
     assert sorted(_keys(rows)) == sorted(
         [("ul", "stage1", "psnr", None), ("ul", "stage1", "bits_per_pixel", None)]
-        + [("ul", f"b{i}", "fid48", 1.0) for i in range(3)])
+        + [("ul", f"b{i}", m, 1.0) for i in range(3) for m in ("fid48", "kid48")])
     config = json.loads((clean_run / "config.json").read_text())
     plan = config["methods"]["ul"]
     fid = sorted((r for r in rows if r["metric_base"] == "fid"), key=lambda r: r["budget_index"])
@@ -86,43 +56,11 @@ def test_sweep_writes_every_point_with_nested_budgets(clean_run):
     assert 0 < bpp["value"] < 1
 
 
-def test_kill_and_resume_keeps_finished_points(micro, clean_run, tmp_path):
-    args = [sys.executable, "-m", "ulbench.cli", "run", str(micro), "--runs-dir", str(tmp_path), "--name", "k",
-            "--no-progress"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run = tmp_path / "micro" / "k"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "results.jsonl").is_file() and any(r["point"] == "b0" for r in _rows(run)):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the sweep finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = {_keys([r])[0]: r for r in _rows(run)}
-    assert ("ul", "b2", "fid48", 1.0) not in before
-    b0_samples = run / "methods/ul/points/b0/samples_g1.npz"
-    mtime = b0_samples.stat().st_mtime_ns
-
-    r = run_cli("run", "--resume", str(run), "--no-progress")
-    assert r.returncode == 0, r.stderr
-    rows = _rows(run)
-    assert len(_keys(rows)) == len(set(_keys(rows))) == len(_rows(clean_run))  # every point exactly once
-    after = {_keys([r])[0]: r for r in rows}
-    for key, row in before.items():
-        assert after[key] == row  # finished points were not recomputed (same finished_at, same values)
-    assert b0_samples.stat().st_mtime_ns == mtime
-    assert "b0 already stored, skipped" in (run / "logs" / "run.log").read_text()
-    # resumed training continues exactly: the killed-and-resumed sweep reproduces the uninterrupted one
-    clean = {_keys([r])[0]: r["value"] for r in _rows(clean_run)}
-    for key, row in after.items():
-        assert row["value"] == pytest.approx(clean[key], rel=1e-4, abs=1e-4), key
-
-
-def test_regression_check_catches_a_sampler_bug_and_passes_a_rerun(micro, clean_run, tmp_path, monkeypatch):
+def test_regression_check_catches_a_sampler_bug_and_passes_a_rerun(micro, clean_run, torchrun_run, tmp_path,
+                                                                    monkeypatch):
     baseline = tmp_path / "micro.json"
     write_baseline(clean_run, baseline)
-    rerun = start_run(str(micro), [], tmp_path / "runs", "rerun", progress=False)
+    rerun = torchrun_run.run  # the same suite again: two ranks, killed once and resumed
     passed, entries = compare(rerun, baseline)
     assert passed, entries
     assert run_cli("check", str(rerun), "--baseline", str(baseline)).returncode == 0

@@ -208,7 +208,8 @@ class Sweep:
             write_npz_from_parts(path, parts)
             for p in parts:
                 p.unlink()
-            extras = {k: np.concatenate([g[k] for g in gathered if k in g]) for k in gathered[0]}
+            keys = sorted({k for g in gathered for k in g})  # a rank with an empty share sent none
+            extras = {k: np.concatenate([g[k] for g in gathered if k in g]) for k in keys}
         dist.barrier()
         return open_npz_array(path), (extras if rank == 0 else None)
 
