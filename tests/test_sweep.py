@@ -80,14 +80,19 @@ def test_regression_check_catches_a_sampler_bug_and_passes_a_rerun(micro, clean_
     assert r.returncode == 1 and "REGRESSED" in r.stdout and "Traceback" not in r.stderr
 
 
+def test_every_suite_validates():
+    r = run_cli("validate", *sorted(str(p) for p in SUITES.glob("*.yaml") if not p.name.startswith("_")))
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("suite", ["smoke", "fashion-mnist", "imagenet512"])
-def test_every_suite_validates_and_dry_runs(suite, tmp_path):
-    path = SUITES / f"{suite}.yaml"
-    r = run_cli("validate", str(path))
+def test_every_suite_dry_runs(suite, tmp_path):
+    # one suite times a real step for the wall-time estimate; the others plan from counted FLOPs (CI time)
+    timing = [] if suite == "smoke" else ["--no-timing"]
+    r = run_cli("run", str(SUITES / f"{suite}.yaml"), "--dry-run", *timing, "--no-progress", "--runs-dir",
+                str(tmp_path / "runs"))
     assert r.returncode == 0, r.stderr
-    r = run_cli("run", str(path), "--dry-run", "--no-progress", "--runs-dir", str(tmp_path / "runs"))
-    assert r.returncode == 0, r.stderr
-    assert "rung b0" in r.stdout and "estimated training wall time" in r.stdout
+    assert "rung b0" in r.stdout and ("estimated training wall time" in r.stdout or timing)
     assert not (tmp_path / "runs").exists()  # a dry run trains and writes nothing
 
 

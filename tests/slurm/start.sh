@@ -139,7 +139,7 @@ fail() {
 
 # ---------------------------------------------------------------- host facts
 NODE="$(hostname -s)"
-CPUS="$(nproc)"
+CPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # nproc honours OMP_NUM_THREADS, which tests set to 1
 MEM_KB="$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
 MEM=$((MEM_KB * 9 / 10 / 1024))  # a bit under the total, or slurmd drains the node
 
