@@ -30,6 +30,9 @@ def cmd_run(args) -> int:
         if args.dist_timeout <= 0:
             raise UserError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
         os.environ[DIST_TIMEOUT_ENV] = str(args.dist_timeout)
+    if (args.gpu or args.gpus or args.mfu) and not args.dry_run:
+        raise UserError("--gpu, --gpus and --mfu plan GPU-hours with --dry-run; a run on GPUs takes "
+                        "--set device=cuda (torchrun or --launcher slurm --gpus-per-node N)")
     if args.launcher not in ("local", "slurm"):
         raise UserError(f"--launcher {args.launcher}: choose local or slurm")
     if args.resume:

@@ -14,11 +14,16 @@ SAMPLE_BATCH = 16
 
 
 def _train_config(args):
-    from ul_model.train import TrainConfig
+    from ul_model.train import TrainConfig, distributed, micro_batches
 
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                       log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                       ema_decay=args.ema, precision=args.precision, compile=args.compile)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                      log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      ema_decay=args.ema, precision=args.precision, compile=args.compile, micro_batch=args.micro_batch)
+    try:
+        micro_batches(cfg, distributed()[1])
+    except ValueError as e:
+        raise UserError(f"--batch-size/--micro-batch: {e}") from None
+    return cfg
 
 
 def _preset(name: str):
@@ -166,7 +171,9 @@ def cmd_ls_presets(args) -> None:
 
 def add_train_args(p) -> None:
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (split across torchrun ranks)")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="per-rank micro-batch, gradient accumulation (default 0: a rank's whole share)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.9999)
