@@ -67,11 +67,14 @@ def test_suite_trains_ul_and_both_baselines_side_by_side(tmp_path):
         assert all(torch.isfinite(torch.tensor(r["value"])) for r in mine)
         b1 = next(r for r in mine if r["point"] == "b1")
         assert b1["train_flops"]["stage1"] > 0 and b1["train_flops"]["stage2"] >= 1.0e11
-        # each baseline's own training reduced its loss (first three logged steps vs last three)
+        # each baseline's own training reduced its loss: mean of the last third of the logged steps vs the first
+        # third. EDM2's per-step loss (log-normal sigmas, learned uncertainty) scatters by ~0.15 around ~1.6, so a
+        # third's mean carries ~3% noise: a loop that does not learn stays near 1.0, this one measured ~0.8.
         for stage in ("stage1", "stage2") if method != "ul" else ():
             log = [json.loads(line)["loss"] for line in (run / "methods" / method / stage / "metrics.jsonl")
                    .read_text().splitlines()]
-            assert sum(log[-3:]) < 0.8 * sum(log[:3]), (method, stage, log)
+            k = len(log) // 3
+            assert sum(log[-k:]) < 0.9 * sum(log[:k]), (method, stage, log)
     import numpy as np
 
     with np.load(run / "methods/sd-dit/points/b1/samples_g1.npz") as z:

@@ -60,9 +60,9 @@ def test_two_ranks_killed_and_resumed_equal_one_process(torchrun_run, clean_run)
     for row in torchrun_run.before:  # points finished before the kill were kept, not recomputed
         assert rows[(row["method"], row["point"], row["metric"], row["guidance"])] == row
     for key, row in rows.items():
-        if key[2].startswith("fid"):
+        if key[2].startswith(("fid", "kid")):  # float64 sums in another order; KID's numpy BLAS threads
             assert row["value"] == pytest.approx(clean[key]["value"], rel=1e-6, abs=0), key
-        else:  # PSNR, bits/pixel: the same per-image values in index order; KID: the same gathered features
+        else:  # PSNR, bits/pixel: the same per-image values in index order
             assert row["value"] == clean[key]["value"], key
         assert row["fingerprint"] == clean[key]["fingerprint"], key
     for f in sorted(clean_run.glob("methods/*/points/*/*.npz")):  # samples and reconstructions, byte for byte

@@ -95,8 +95,10 @@ def submit_slurm(run_dir: Path, methods: list[str], opts: SlurmOptions) -> dict:
     for method in methods:
         folder = run_dir / "slurm" / method
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=30)
+        # --kill-on-bad-exit: a task that dies takes the job's other tasks with it at once (srun's default leaves
+        # them waiting in a collective until the distributed timeout)
         params = {"job_name": f"ulbench-{run_dir.parent.name}-{method}", "nodes": opts.nodes,
-                  "ntasks_per_node": opts.tasks, "time": opts.time_min}
+                  "ntasks_per_node": opts.tasks, "time": opts.time_min, "srun_args": ["--kill-on-bad-exit=1"]}
         for key, value in (("partition", opts.partition), ("account", opts.account), ("qos", opts.qos),
                            ("cpus_per_task", opts.cpus_per_task),
                            ("gpus_per_node", opts.gpus_per_node or None)):
