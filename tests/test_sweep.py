@@ -104,8 +104,8 @@ def test_report_of_a_real_run_embeds_its_plots(clean_run, tmp_path):
     out = write_report(clean_run, tmp_path / "report")
     html = (tmp_path / "report" / "index.html").read_text()
     pngs = [p for p in out["paths"].values() if str(p).endswith(".png")]
-    assert {"compute_vs_fid.png", "rate_vs_quality.png"} <= {p.name for p in pngs}
+    assert {"compute_vs_fid.png", "compute_vs_kid.png", "rate_vs_quality.png"} <= {p.name for p in pngs}
     for p in pngs:
         data = p.read_bytes()
         assert len(data) > 1000 and base64.b64encode(data).decode() in html
-    assert len(out["plotted"]) == 3  # one FID point per rung
+    assert sorted(out["plotted"]["metric"]) == ["fid48"] * 3 + ["kid48"] * 3  # one FID and one KID point per rung
