@@ -40,7 +40,8 @@ def cmd_run(args) -> int:
             raise UserError("--resume RUN takes the suite and settings stored in RUN/config.json; drop SUITE, "
                             "--set and --name")
         run_dir = Path(args.resume)
-        load_run_plans(run_dir)  # a damaged or changed run fails here, before anything is submitted
+        if args.launcher == "slurm":
+            load_run_plans(run_dir)  # a damaged or changed run fails here, before anything is submitted
     elif args.suite is None:
         raise UserError("give a suite file (e.g. `ulbench run suites/smoke.yaml`) or --resume RUN")
     elif args.dry_run:
