@@ -72,3 +72,8 @@ def shard(n: int, batch_size: int) -> range:
     num = -(-n // batch_size)
     lo, hi = num * rank // world, num * (rank + 1) // world
     return range(lo * batch_size, min(n, hi * batch_size), batch_size)
+
+
+def span(starts: range, n: int, batch_size: int) -> tuple[int, int]:
+    """The item range [start, stop) that the batch starts of ``shard(n, batch_size)`` cover ((0, 0) when empty)."""
+    return (starts[0], min(n, starts[-1] + batch_size)) if starts else (0, 0)

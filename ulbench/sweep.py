@@ -190,7 +190,8 @@ class Sweep:
             images, extra = produce(lo, hi)
             images = images.permute(0, 2, 3, 1).cpu().numpy()
             if mm is None:
-                count = min(n, starts[-1] + SAMPLE_BATCH) - starts[0]
+                first, stop = dist.span(starts, n, SAMPLE_BATCH)
+                count = stop - first
                 mm = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, *images.shape[1:]))
             mm[lo - starts[0]: hi - starts[0]] = images
             for k, v in extra.items():

@@ -65,8 +65,7 @@ class ImageEvaluator:
         if world > 1:
             if source.count is None:
                 raise UserError(f"{source.name}: a stream of unknown length cannot be split across ranks")
-            starts = dist.shard(source.count, self.batch_size)
-            start, stop = (starts[0], min(source.count, starts[-1] + self.batch_size)) if starts else (0, 0)
+            start, stop = dist.span(dist.shard(source.count, self.batch_size), source.count, self.batch_size)
         stats = FeatureStats(FEATURE_DIM, keep_features=keep_features)
         total = None if stop is None else stop - start
         bar = tqdm(total=total, unit="img", desc=f"Inception {Path(source.name).name}",
