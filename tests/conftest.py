@@ -13,6 +13,29 @@ from ulbench.metrics.images import photo_crops
 
 N_PARITY = 50  # images per side in parity tests: ~10 s of Inception per side on 2 CPU cores
 
+# Session fixtures that cost minutes (the micro suite's runs, the SLURM cluster): under pytest-xdist every test that
+# uses one goes to the same worker (``--dist loadgroup``), so each is built once, not once per worker.
+SHARED_SESSION_FIXTURES = {"micro", "clean_run", "torchrun_run", "slurm_cluster"}
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, split the cores between workers: each worker and the processes it starts (they inherit
+    OMP_NUM_THREADS) get cores // workers intra-op threads. Oversubscribed torch processes on shared cores measured
+    10-50x slower than one process."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        os.environ["OMP_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SHARED_SESSION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("micro-suite"))
+
 
 def write_pngs(arr: np.ndarray, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
