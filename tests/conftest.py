@@ -31,6 +31,7 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the ids it schedules by
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SHARED_SESSION_FIXTURES & set(getattr(item, "fixturenames", ())):
