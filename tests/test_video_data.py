@@ -134,3 +134,14 @@ def test_clip_array_npz_round_trips(tmp_path, compressed):
     assert len(ds) == 3
     np.testing.assert_array_equal(ds[2][0].permute(1, 2, 3, 0).numpy(), arr[2])
     assert ds[0][0].shape == (3, 4, 16, 16) and ClipArrayDataset(path, 8)[0][0].shape == (3, 4, 8, 8)
+
+
+def test_streamed_clips_decode_what_the_in_memory_reader_reads():
+    from ulbench.metrics.video import StreamedClips, index_video_clips, read_video_clips
+
+    streamed = index_video_clips(bundled_clips_dir() / "bikes.mp4", frames=8, stride=2, clips_per_video=5)
+    assert isinstance(streamed.clips, StreamedClips) and len(streamed) == 5
+    whole = read_video_clips(bundled_clips_dir() / "bikes.mp4", frames=8, stride=2, clips_per_video=5)
+    np.testing.assert_array_equal(np.stack(streamed.clips[1:4]), whole.clips[1:4])
+    np.testing.assert_array_equal(streamed.clips[-1], whole.clips[4])
+    assert streamed.sources == whole.sources == [(str(bundled_clips_dir() / "bikes.mp4"), 16 * k) for k in range(5)]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ulbench.errors import UserError
+from ulbench.metrics.video import VIDEO_EXTS
 
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 KINETICS_COLUMNS = ("youtube_id", "time_start", "time_end")  # required; ``label`` and ``split`` are optional
 SPLIT_SPELLINGS = {"val": "val", "validate": "val", "validation": "val", "train": "train", "test": "test"}
 SKIP_REASONS = ("missing", "empty", "unreadable", "too_short")
@@ -271,15 +271,10 @@ class ClipArrayDataset(torch.utils.data.Dataset):
     uncompressed; frames resized and cropped to R as ``ClipSampling`` does when they are not R x R. Unlabelled."""
 
     def __init__(self, path: str | os.PathLike, resolution: int):
-        from ulbench.io import open_npz_array
         from ulbench.metrics.video import load_clip_array
 
         self.path = Path(path)
-        # A stored (uncompressed) archive is memory-mapped; load_clip_array reads a compressed one whole.
-        self.clips = open_npz_array(self.path) if _is_stored_npz(self.path) else load_clip_array(self.path)
-        if self.clips.dtype != np.uint8 or self.clips.ndim != 5 or self.clips.shape[-1] != 3:
-            raise UserError(f"{self.path}: arr_0 is {self.clips.dtype} {self.clips.shape}, expected uint8 "
-                            "(N, T, H, W, 3); save clips with `np.savez(path, clips)`")
+        self.clips = load_clip_array(self.path)  # validated; memory-mapped when stored uncompressed
         self.name, self.resolution, self.frames = f"npz:{self.path.name}", resolution, self.clips.shape[1]
         self.num_classes, self.labels, self.skipped = 1, np.zeros(len(self.clips), dtype=np.int64), {}
 
@@ -295,16 +290,6 @@ class ClipArrayDataset(torch.utils.data.Dataset):
 
             self._fingerprint = hashlib.sha256(f"npz:{sha256_file(self.path)}:R{self.resolution}".encode()).hexdigest()
         return self._fingerprint
-
-
-def _is_stored_npz(path: Path) -> bool:
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return zf.getinfo("arr_0.npy").compress_type == zipfile.ZIP_STORED
-    except (zipfile.BadZipFile, KeyError, OSError):
-        return False
 
 
 def clips(sampling: ClipSampling | None = None, hop: int = 4) -> VideoDataset:

@@ -16,7 +16,7 @@ from ulbench import assets
 from ulbench.errors import UserError
 from ulbench.metrics.i3d import NUM_CLASSES, load_i3d, preprocess_clips
 from ulbench.metrics.stats import FeatureStats, Moments, frechet_distance, is_stats_file
-from ulbench.metrics.video import ClipSet, load_clip_array, read_video_clips
+from ulbench.metrics.video import ClipSet, index_video_clips, load_clip_array
 
 DEFAULT_BATCH_SIZE = 8  # clips per I3D forward; results do not depend on it beyond float tolerance
 
@@ -86,11 +86,12 @@ def fvd_from_clips(model: torch.nn.Module, clips_a: Clips | Moments, clips_b: Cl
 
 
 class VideoEvaluator:
-    """FVD between clip sets given as video folders/files, .npz clip arrays or .npz statistics, under one protocol."""
+    """FVD between clip sets given as video folders/files, .npz clip arrays or .npz statistics, under one protocol.
+    Clips are streamed: videos decoded per I3D batch, stored .npz clip arrays memory-mapped."""
 
     def __init__(self, i3d_weights=None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
                  frames: int = 16, stride: int = 1, start: int = 0, clips_per_video: int = 1):
-        # Sampling and batch size are validated where they are used (read_video_clips, _feature_batches).
+        # Sampling and batch size are validated where they are used (index_video_clips, _feature_batches).
         self.model = load_i3d(assets.converted_path(assets.I3D, i3d_weights))
         self.batch_size, self.progress = batch_size, progress
         self.sampling = {"frames": frames, "stride": stride, "start": start, "clips_per_video": clips_per_video}
@@ -108,7 +109,7 @@ class VideoEvaluator:
             clips = load_clip_array(path)
             return clip_moments(self.model, clips, self.batch_size, self.progress), {"input": str(path), "clips": len(clips)}
         s = self.sampling
-        cs = read_video_clips(path, s["frames"], s["stride"], s["start"], s["clips_per_video"])
+        cs = index_video_clips(path, s["frames"], s["stride"], s["start"], s["clips_per_video"])  # decoded per batch
         info = {"input": str(path), "clips": len(cs), "videos": cs.n_videos, "skipped_short": len(cs.skipped_short),
                 "unreadable": len(cs.unreadable)}
         return clip_moments(self.model, cs, self.batch_size, self.progress), info

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ulbench.errors import UserError
+from ulbench.io import open_npz_array
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 DEFAULT_FRAMES = 16  # FVD clip length (protocols.md)
@@ -34,7 +36,7 @@ class ClipSet:
     second resize just to stack them. ``sources`` gives (file, first frame) per clip.
     """
 
-    clips: np.ndarray | list[np.ndarray]
+    clips: np.ndarray | list[np.ndarray] | Sequence[np.ndarray]
     sources: list[tuple[str, int]] = field(default_factory=list)
     skipped_short: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
@@ -67,23 +69,81 @@ def _resize_clip(clip: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return x.round().clamp(0, UINT8_MAX).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _read_file_clips(path: Path, frames: int, stride: int, start: int, clips_per_video: int) -> list[np.ndarray]:
-    """Decode up to ``clips_per_video`` clips from one file; [] if too short. Raises RuntimeError if unreadable."""
+def _probe_frames(path: Path) -> int:
+    """Frame count of a video file. Raises RuntimeError if it cannot be decoded."""
     import decord  # imported lazily: only video reading needs it
 
     if path.stat().st_size == 0:
         raise RuntimeError("zero-byte file")
-    reader = decord.VideoReader(str(path))
-    n_frames = len(reader)
+    return len(decord.VideoReader(str(path), num_threads=1))
+
+
+class StreamedClips(Sequence):
+    """Clips decoded on demand (index or slice), so a set of any size is never held in memory: (T, H, W, C) uint8
+    each, every ``stride``-th frame from each window's first frame, frames resized to ``size`` if given."""
+
+    def __init__(self, windows: list[tuple[Path, int]], frames: int, stride: int, size: tuple[int, int] | None):
+        self.windows, self.frames, self.stride, self.size = windows, frames, stride, size
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def _clip(self, i: int) -> np.ndarray:
+        import decord
+
+        path, first = self.windows[i]
+        idx = list(range(first, first + (self.frames - 1) * self.stride + 1, self.stride))
+        clip = decord.VideoReader(str(path), num_threads=1).get_batch(idx).asnumpy()  # (T, H, W, C) uint8 RGB
+        return clip if self.size is None else _resize_clip(clip, self.size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._clip(k) for k in range(*i.indices(len(self)))]
+        return self._clip(range(len(self))[i])
+
+
+def index_video_clips(
+    folder_or_file: str | os.PathLike,
+    frames: int = DEFAULT_FRAMES,
+    stride: int = 1,
+    start: int = 0,
+    clips_per_video: int = 1,
+    exts: tuple[str, ...] = VIDEO_EXTS,
+    size: tuple[int, int] | None = None,
+) -> ClipSet:
+    """The clips ``read_video_clips`` reads, as a ``ClipSet`` whose ``clips`` are ``StreamedClips`` (decoded when
+    indexed): every video is probed for its length once; too short and unreadable ones are counted here."""
+    if frames < 1 or stride < 1 or start < 0 or clips_per_video < 1:
+        raise UserError(f"invalid clip sampling frames={frames}, stride={stride}, start={start}, "
+                        f"clips_per_video={clips_per_video}: frames, stride and clips_per_video must be >= 1, "
+                        f"start >= 0")
+    root = Path(folder_or_file)
+    files = _list_videos(root, exts)
+    result = ClipSet(clips=[], n_videos=len(files))
     span = (frames - 1) * stride + 1  # frames one clip covers
-    out = []
-    for k in range(clips_per_video):
-        first = start + k * frames * stride  # consecutive, non-overlapping clips
-        if first + span > n_frames:
-            break
-        idx = list(range(first, first + span, stride))
-        out.append(reader.get_batch(idx).asnumpy())  # (T, H, W, C) uint8 RGB
-    return out
+    windows = []
+    for path in files:
+        try:
+            n_frames = _probe_frames(path)
+        except (RuntimeError, OSError) as e:  # decord raises RuntimeError (DECORDError) on bad input
+            warnings.warn(f"{path}: unreadable video, skipped ({str(e).splitlines()[0][:200]})", stacklevel=2)
+            result.unreadable.append(str(path))
+            continue
+        firsts = [start + k * frames * stride for k in range(clips_per_video)]  # consecutive, non-overlapping
+        firsts = [f for f in firsts if f + span <= n_frames]
+        if not firsts:
+            result.skipped_short.append(str(path))
+        windows += [(path, f) for f in firsts]
+    if not windows:
+        raise UserError(
+            f"{root}: no clip could be read: {len(files)} video file(s) found, {len(result.unreadable)} unreadable, "
+            f"{len(result.skipped_short)} shorter than the {start + span} frames one clip needs "
+            f"(start={start}, frames={frames}, stride={stride}). Use longer videos, a smaller start/stride/frames, "
+            f"or re-encode unreadable files (e.g. `ffmpeg -i in.mp4 -c:v libx264 out.mp4`)."
+        )
+    result.clips = StreamedClips(windows, frames, stride, size)
+    result.sources = [(str(p), f) for p, f in windows]
+    return result
 
 
 def read_video_clips(
@@ -95,40 +155,15 @@ def read_video_clips(
     exts: tuple[str, ...] = VIDEO_EXTS,
     size: tuple[int, int] | None = None,
 ) -> ClipSet:
-    """Read clips of ``frames`` frames (every ``stride``-th, from frame ``start``) from a video file or folder.
+    """Read clips of ``frames`` frames (every ``stride``-th, from frame ``start``) from a video file or folder into
+    memory (small sets; ``index_video_clips`` streams them).
 
     A video shorter than ``start + (frames - 1) * stride + 1`` frames is listed in ``skipped_short``; one that
     cannot be decoded (zero bytes, corrupt) is named in a warning and listed in ``unreadable``. ``size=(H, W)``
     resizes every frame (bilinear, as ``preprocess_clips``) so that ``clips`` is always one array.
     """
-    if frames < 1 or stride < 1 or start < 0 or clips_per_video < 1:
-        raise UserError(f"invalid clip sampling frames={frames}, stride={stride}, start={start}, "
-                        f"clips_per_video={clips_per_video}: frames, stride and clips_per_video must be >= 1, "
-                        f"start >= 0")
-    root = Path(folder_or_file)
-    files = _list_videos(root, exts)
-    result = ClipSet(clips=[], n_videos=len(files))
-    clips: list[np.ndarray] = []
-    for path in files:
-        try:
-            got = _read_file_clips(path, frames, stride, start, clips_per_video)
-        except (RuntimeError, OSError) as e:  # decord raises RuntimeError (DECORDError) on bad input
-            warnings.warn(f"{path}: unreadable video, skipped ({str(e).splitlines()[0][:200]})", stacklevel=2)
-            result.unreadable.append(str(path))
-            continue
-        if not got:
-            result.skipped_short.append(str(path))
-        for k, clip in enumerate(got):
-            clips.append(clip if size is None else _resize_clip(clip, size))
-            result.sources.append((str(path), start + k * frames * stride))
-    if not clips:
-        need = start + (frames - 1) * stride + 1
-        raise UserError(
-            f"{root}: no clip could be read: {len(files)} video file(s) found, {len(result.unreadable)} unreadable, "
-            f"{len(result.skipped_short)} shorter than the {need} frames one clip needs "
-            f"(start={start}, frames={frames}, stride={stride}). Use longer videos, a smaller start/stride/frames, "
-            f"or re-encode unreadable files (e.g. `ffmpeg -i in.mp4 -c:v libx264 out.mp4`)."
-        )
+    result = index_video_clips(folder_or_file, frames, stride, start, clips_per_video, exts, size)
+    clips = result.clips[:]
     shapes = {c.shape for c in clips}
     result.clips = np.stack(clips) if len(shapes) == 1 else clips
     return result
@@ -146,8 +181,8 @@ def load_clip_array(path: str | os.PathLike) -> np.ndarray:
     with archive:
         if "arr_0" not in archive.files:
             raise UserError(f"{path}: no array 'arr_0' (found {sorted(archive.files)}); {fix}")
-        try:
-            clips = archive["arr_0"]
+        try:  # a stored (uncompressed) archive is memory-mapped, a compressed one read whole
+            clips = open_npz_array(path)
         except (OSError, ValueError) as e:  # e.g. an object array, refused without pickle
             raise UserError(f"{path}: cannot read arr_0 ({e}); {fix}") from None
     if clips.dtype != np.uint8:
