@@ -147,6 +147,10 @@ def test_published_reference_points():
     assert len(ul_fid) == 10 and ul_fid["train_flops"].isna().all()
     ul_rate = pub[(pub["method"] == "UL") & (pub["metric_base"].isin(["bits_per_pixel", "rfid", "psnr"]))]
     assert len(ul_rate) == 15
+    k600 = load_published("kinetics600")  # baselines.md: Kinetics-600 5 -> 11 frame prediction, FVD
+    assert (k600["metric_base"] == "fvd").all() and k600["train_flops"].isna().all() and len(k600) == 8
+    fvd = dict(zip(k600["label"], k600["value"]))
+    assert fvd["UL medium"] == 1.3 and fvd["UL small"] == 1.7 and fvd["W.A.L.T-L"] == 3.3 and fvd["TrIVD-GAN-FP"] == 25.7
     with pytest.raises(UserError, match="imagenet512"):
         load_published("imagenet256")
 
