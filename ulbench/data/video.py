@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ulbench.errors import UserError
-from ulbench.metrics.video import VIDEO_EXTS
+from ulbench.metrics.video import VIDEO_EXTS, probe_video
 
 KINETICS_COLUMNS = ("youtube_id", "time_start", "time_end")  # required; ``label`` and ``split`` are optional
 SPLIT_SPELLINGS = {"val": "val", "validate": "val", "validation": "val", "train": "train", "test": "test"}
@@ -178,13 +178,6 @@ def bundled_clips() -> VideoListing:
     return VideoListing("clips", entries, [n.removesuffix(".mp4") for n in BUNDLED_CLIPS], where=str(root))
 
 
-def _probe(path: Path) -> tuple[int, float]:
-    import decord  # lazily: only video reading needs it
-
-    reader = decord.VideoReader(str(path), num_threads=1)
-    return len(reader), float(reader.get_avg_fps())
-
-
 class VideoDataset(torch.utils.data.Dataset):
     """Clips of a ``VideoListing``: each usable video gives windows starting every ``hop`` source frames (default:
     one clip span, so windows do not overlap), at most ``clips_per_video``. Videos are probed (frame count, fps)
@@ -204,11 +197,10 @@ class VideoDataset(torch.utils.data.Dataset):
         self.windows: list[tuple[Path, int, tuple[int, ...]]] = []  # (file, first frame, frame offsets)
         labels, self._ident = [], []
         for e in listing.entries:
-            reason = self._usable(e)
+            reason, (n_frames, fps) = self._probe(e)
             if reason:
                 self.skipped[reason].append(e.key)
                 continue
-            n_frames, fps = self._probe_info
             offsets = tuple(sampling.offsets(fps))
             span = offsets[-1] + 1
             if n_frames < span:
@@ -226,16 +218,18 @@ class VideoDataset(torch.utils.data.Dataset):
                             f"{sampling.key()} needs videos of at least {sampling.offsets(30.0)[-1] + 1} frames at "
                             "30 fps")
 
-    def _usable(self, e: VideoEntry) -> str | None:
+    @staticmethod
+    def _probe(e: VideoEntry) -> tuple[str | None, tuple[int, float]]:
+        """(why the video is unusable or None, (frame count, fps))."""
         if e.path is None or not e.path.is_file():
-            return "missing"
+            return "missing", (0, 0.0)
         if e.path.stat().st_size == 0:
-            return "empty"
+            return "empty", (0, 0.0)
         try:
-            self._probe_info = _probe(e.path)
+            info = probe_video(e.path)
         except (RuntimeError, OSError):  # decord raises RuntimeError (DECORDError) on undecodable files
-            return "unreadable"
-        return None if self._probe_info[0] > 0 else "unreadable"
+            return "unreadable", (0, 0.0)
+        return (None if info[0] > 0 else "unreadable"), info
 
     def skip_counts(self) -> dict[str, int]:
         return {r: len(v) for r, v in self.skipped.items()}

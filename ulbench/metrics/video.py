@@ -69,13 +69,14 @@ def _resize_clip(clip: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return x.round().clamp(0, UINT8_MAX).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _probe_frames(path: Path) -> int:
-    """Frame count of a video file. Raises RuntimeError if it cannot be decoded."""
+def probe_video(path: Path) -> tuple[int, float]:
+    """Frame count and average fps of a video file. Raises RuntimeError if it is empty or cannot be decoded."""
     import decord  # imported lazily: only video reading needs it
 
     if path.stat().st_size == 0:
         raise RuntimeError("zero-byte file")
-    return len(decord.VideoReader(str(path), num_threads=1))
+    reader = decord.VideoReader(str(path), num_threads=1)
+    return len(reader), float(reader.get_avg_fps())
 
 
 class StreamedClips(Sequence):
@@ -124,7 +125,7 @@ def index_video_clips(
     windows = []
     for path in files:
         try:
-            n_frames = _probe_frames(path)
+            n_frames, _ = probe_video(path)
         except (RuntimeError, OSError) as e:  # decord raises RuntimeError (DECORDError) on bad input
             warnings.warn(f"{path}: unreadable video, skipped ({str(e).splitlines()[0][:200]})", stacklevel=2)
             result.unreadable.append(str(path))
