@@ -38,9 +38,10 @@ def _prior_expected(schedule: LogSNRSchedule) -> float:
     return D * (0.5 * math.log1p(S**2 * math.exp(schedule.lambda_max)) + _kl_normal(a1_sq * S**2 + 1 - a1_sq))
 
 
-@pytest.fixture
-def z_clean():
-    return S * torch.randn(N, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+@pytest.fixture(params=[(D,), (2, 2, 1, 2)], ids=["image-shaped", "video-shaped"])
+def z_clean(request):
+    """D latent dims per sample, flat or shaped like a clip latent (C, T, H, W): the losses sum over every dim."""
+    return S * torch.randn(N, *request.param, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
 def test_prior_loss_equals_mutual_information_closed_form(z_clean):

@@ -1,6 +1,7 @@
 """Typed configuration and named presets (ul-method.md section 4). Every [choice] is a field with its default."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 
@@ -11,6 +12,9 @@ class EncoderConfig:
     channels: tuple[int, ...] = (128, 256, 512, 512)
     blocks: tuple[int, ...] = (2, 2, 2, 3)
     latent_channels: int = 32
+    # Video only (ULConfig.frames > 0): frames per temporal patch, and each downsampling's temporal stride [choice]
+    time_patch: int = 1
+    time_strides: tuple[int, ...] = ()  # one per stage after the first; () = all 1
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,7 @@ class TransformerConfig:
     heads: int = 16
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    attention: str = "full"  # [choice] video: "full" over all space-time tokens, "factorized" (space, time alternate)
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,8 @@ class DecoderConfig:
     blocks_per_stage: int = 2  # [choice]
     middle: TransformerConfig = TransformerConfig(width=1024, depth=8, dropout=0.1)
     z_injection: str = "both"  # [choice] "tokens" (projected onto middle tokens), "input" (upsampled concat), "both"
+    time_patch: int = 1  # video only, as EncoderConfig [choice]
+    time_strides: tuple[int, ...] = ()  # one per conv stage; () = all 1
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class BaseModelConfig:
     depths: tuple[int, int] = (6, 16)
     heads: int = 16
     dropout: float = 0.1
+    attention: str = "full"  # [choice] as TransformerConfig.attention
 
 
 @dataclass(frozen=True)
@@ -68,14 +76,36 @@ class ULConfig:
     decoder: DecoderConfig = DecoderConfig()
     base: BaseModelConfig = BaseModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    frames: int = 0  # 0: images (C, R, R); T > 0: clips (C, T, R, R) (Kinetics-600: 16) [paper]
+    context_frames: int = 0  # clips: frames given, the rest predicted (Kinetics-600 frame prediction: 5) [paper]
+
+    @property
+    def video(self) -> bool:
+        return self.frames > 0
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        r = self.resolution
+        return (self.image_channels, self.frames, r, r) if self.video else (self.image_channels, r, r)
+
+    @property
+    def pixels(self) -> int:
+        """Pixels per item (bits/pixel divides by them): R^2, or T R^2 for a clip."""
+        return self.resolution**2 * max(self.frames, 1)
 
     @property
     def latent_resolution(self) -> int:
         return self.resolution // (self.encoder.patch * 2 ** (len(self.encoder.channels) - 1))
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
+    def latent_frames(self) -> int:
+        return self.frames // (self.encoder.time_patch * math.prod(self.encoder.time_strides))
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
         r = self.latent_resolution
+        if self.video:
+            return (self.encoder.latent_channels, self.latent_frames, r, r)
         return (self.encoder.latent_channels, r, r)
 
     def to_dict(self) -> dict:
@@ -100,6 +130,31 @@ PRESETS: dict[str, ULConfig] = {
     # Same autoencoder, larger base model. The paper does not print the medium widths: [choice] 1.5x width, 24 blocks.
     "ul-medium": ULConfig(name="ul-medium", resolution=512,
                           base=BaseModelConfig(widths=(768, 1536), depths=(6, 24), heads=16)),
+    # Kinetics-600 frame prediction (section 4): 16x128x128 clips downsampled 4x8x8 to a 4x16x16 latent, 5 frames
+    # given and 11 predicted [paper]. Widths as the image presets; where the paper is silent, [choice]: 8x spatial is
+    # 2x2 patching + 2 stride-2 stages, 4x temporal is two time-stride-2 stages (encoder) / conv stages (decoder);
+    # the decoder's conv stages [128, 256] at 2x2 patching see as many positions as the image decoder's at 512px.
+    "video-ul-small": ULConfig(
+        name="video-ul-small", resolution=128, num_classes=600, frames=16, context_frames=5,
+        encoder=EncoderConfig(channels=(128, 256, 512), blocks=(2, 2, 3), time_strides=(2, 2)),
+        decoder=DecoderConfig(channels=(128, 256), time_strides=(2, 2)),
+    ),
+    "video-ul-medium": ULConfig(
+        name="video-ul-medium", resolution=128, num_classes=600, frames=16, context_frames=5,
+        encoder=EncoderConfig(channels=(128, 256, 512), blocks=(2, 2, 3), time_strides=(2, 2)),
+        decoder=DecoderConfig(channels=(128, 256), time_strides=(2, 2)),
+        base=BaseModelConfig(widths=(768, 1536), depths=(6, 24), heads=16),
+    ),
+    # CPU-sized: 16x32x32 clips -> 8x4x8x8 latent (4x4x4 downsampling, the paper's 24x compression) [choice].
+    "video-ul-tiny": ULConfig(
+        name="video-ul-tiny", resolution=32, num_classes=1, frames=16, context_frames=5,
+        encoder=EncoderConfig(channels=(32, 64), blocks=(1, 1), latent_channels=8, time_patch=2, time_strides=(2,)),
+        prior=TransformerConfig(width=64, depth=2, heads=4),
+        decoder=DecoderConfig(channels=(32,), blocks_per_stage=2, time_patch=2, time_strides=(2,),
+                              middle=TransformerConfig(width=128, depth=2, heads=4, dropout=0.0)),
+        base=BaseModelConfig(widths=(64, 128), depths=(2, 2), heads=4, dropout=0.0),
+        diffusion=DiffusionConfig(decoder_shift_ref=32, c_lf=4.0),  # c_lf as ul-tiny (its note)
+    ),
 }
 
 

@@ -84,9 +84,9 @@ def base_loss(z: torch.Tensor, denoise: Denoiser, schedule: LogSNRSchedule, b: f
     return weighted_eps_loss(z, denoise, schedule, lambda lam: torch.sigmoid(b - lam), t, eps)
 
 
-def bits_per_pixel(l_z_nats: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    # bits/pixel = L_z / (ln 2 * H * W)  (section 2.7)
-    return l_z_nats / (math.log(2) * height * width)
+def bits_per_pixel(l_z_nats: torch.Tensor, height: int, width: int, frames: int = 1) -> torch.Tensor:
+    # bits/pixel = L_z / (ln 2 * H * W)  (section 2.7); a clip's pixels are T * H * W
+    return l_z_nats / (math.log(2) * frames * height * width)
 
 
 def bits_per_latent_dim(l_z_nats: torch.Tensor, latent_dims: int) -> torch.Tensor:

@@ -65,10 +65,22 @@ def _predict(denoise: Denoiser, z: torch.Tensor, lam: torch.Tensor):
     return x_from_v(z, v, alpha, sigma), eps_from_v(z, v, alpha, sigma)
 
 
+def replace_known(z: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor] | None, alpha: float = 1.0,
+                  sigma: float = 0.0, noise: SampleNoise | None = None) -> torch.Tensor:
+    # replacement [Video Diffusion Models]: where mask, z_s = alpha_s x_known + sigma_s eps (x_known at the clean end)
+    if known is None:
+        return z
+    x, mask = known
+    value = alpha * x if noise is None else alpha * x + sigma * noise.draw()
+    return torch.where(mask, value, z)
+
+
 @torch.no_grad()
 def sample(denoise: Denoiser, schedule: LogSNRSchedule, steps: int, noise: SampleNoise,
-           method: str = "ancestral", clip_x: float | None = None) -> torch.Tensor:
-    """Walk ``steps`` uniform steps in t from 1 to 0, then return x_hat at t = 0 (lambda_max)."""
+           method: str = "ancestral", clip_x: float | None = None,
+           known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Walk ``steps`` uniform steps in t from 1 to 0, then return x_hat at t = 0 (lambda_max). ``known`` = (x, mask):
+    the entries under the boolean mask are given (frame prediction's context frames) and replaced after each step."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if method not in ("ancestral", "ddim"):
@@ -86,12 +98,14 @@ def sample(denoise: Denoiser, schedule: LogSNRSchedule, steps: int, noise: Sampl
         a_s, s_s = (float(v[0]) for v in alpha_sigma(lam_s))
         if method == "ddim":
             z = a_s * x_hat + s_s * eps_hat  # z_s = alpha_s x_hat + sigma_s eps_hat
-            continue
-        # q(z_s | z_t, x) [VDM]: alpha_ts = alpha_t/alpha_s, sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2
-        a_ts = a_t / a_s
-        var_ts = s_t**2 - a_ts**2 * s_s**2
-        mean = (a_ts * s_s**2 / s_t**2) * z + (a_s * var_ts / s_t**2) * x_hat
-        z = mean + (var_ts * s_s**2 / s_t**2) ** 0.5 * noise.draw()
+        else:
+            # q(z_s | z_t, x) [VDM]: alpha_ts = alpha_t/alpha_s, sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2
+            a_ts = a_t / a_s
+            var_ts = s_t**2 - a_ts**2 * s_s**2
+            mean = (a_ts * s_s**2 / s_t**2) * z + (a_s * var_ts / s_t**2) * x_hat
+            z = mean + (var_ts * s_s**2 / s_t**2) ** 0.5 * noise.draw()
+        z = replace_known(z, known, a_s, s_s, noise)
     lam_0 = schedule.logsnr(ts[-1]).expand(n).to(z.dtype)
     x_hat, _ = _predict(denoise, z, lam_0)  # the final clean prediction
-    return x_hat.clamp(-clip_x, clip_x) if clip_x is not None else x_hat
+    x_hat = x_hat.clamp(-clip_x, clip_x) if clip_x is not None else x_hat
+    return replace_known(x_hat, known)

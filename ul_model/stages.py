@@ -27,7 +27,8 @@ def _config_from_dict(d: dict) -> ULConfig:
     return ULConfig(name=d["name"], resolution=d["resolution"], image_channels=d["image_channels"],
                     num_classes=d["num_classes"], encoder=EncoderConfig(**tup(d["encoder"])),
                     prior=TransformerConfig(**d["prior"]), decoder=DecoderConfig(**tup(dec)),
-                    base=BaseModelConfig(**tup(d["base"])), diffusion=DiffusionConfig(**d["diffusion"]))
+                    base=BaseModelConfig(**tup(d["base"])), diffusion=DiffusionConfig(**d["diffusion"]),
+                    frames=d.get("frames", 0), context_frames=d.get("context_frames", 0))
 
 
 def write_run_config(out: Path, cfg: ULConfig, stage: int, extra: dict) -> None:

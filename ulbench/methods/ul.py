@@ -41,9 +41,10 @@ class UL:
             model = UnifiedLatents(config).set_stage(1 if stage == "stage1" else 2)
             labels = torch.zeros(batch_size, dtype=torch.long)
             if stage == "stage1":
-                x = torch.rand(batch_size, config.image_channels, config.resolution, config.resolution) * 2 - 1
+                x = torch.rand(batch_size, *config.data_shape) * 2 - 1
                 return StepInputs(model, lambda net, b: net(b[0]), (x, labels))
-            z = torch.randn(batch_size, *config.latent_shape)
+            c, *grid = config.latent_shape  # clips: stage 2 trains on (z_clean, context latent) channels
+            z = torch.randn(batch_size, 2 * c if config.video else c, *grid)
             return StepInputs(model, lambda net, b: net(b[0], b[1]), (z, labels))
 
     def evaluation_calls(self, config: Any, sampler: dict, batch_size: int,
@@ -53,13 +54,15 @@ class UL:
 
         with torch.device(device):
             model = UnifiedLatents(config).eval()
-            x = torch.zeros(batch_size, config.image_channels, config.resolution, config.resolution)
+            x = torch.zeros(batch_size, *config.data_shape)
             z = torch.zeros(batch_size, *config.latent_shape)
             lam, labels = torch.zeros(batch_size), torch.zeros(batch_size, dtype=torch.long)
         # ul_model.sampling.sample: one prediction per step, then the final clean one
         decoder = NetworkCall("decoder", sampler["decoder_steps"] + 1, lambda: model.decoder(x, lam, z))
-        return {"sample": [NetworkCall("base model", sampler["steps"] + 1, lambda: model.base(z, lam, labels),
-                                       guided=True), decoder],
+        context = [NetworkCall("encoder (context)", 1, lambda: model.encoder(x))] if config.video else []
+        z_ctx = z if config.video else None
+        return {"sample": [*context, NetworkCall("base model", sampler["steps"] + 1,
+                                                 lambda: model.base(z, lam, labels, z_ctx), guided=True), decoder],
                 "reconstruct": [NetworkCall("encoder", 1, lambda: model.encoder(x)), decoder,
                                 NetworkCall("bits/pixel (stage-1 terms)", 1, lambda: model.stage1_terms(x))]}
 
@@ -87,9 +90,10 @@ class ULRunner(RunnerBase):
                          device=self.device, progress=self.progress, data=data)
         else:
             model = stage2_model(self.workdir / "stage1", self.config.base, seed=tcfg.seed)
-            encoder = model.encoder.to(self.device).eval()
-            latents = self.latent_set("ul z_clean", sha256_file(self.checkpoint_file("stage1")),
-                                      lambda x: encoder(image_input(x.to(self.device))))
+            model.encoder.to(self.device).eval()
+            what = f"ul z_clean + context latent ({model.cfg.context_frames} frames)" if model.cfg.video else "ul z_clean"
+            latents = self.latent_set(what, sha256_file(self.checkpoint_file("stage1")),
+                                      lambda x: model.stage2_latents(image_input(x.to(self.device))))
             train_stage2(model, self.batches(latents, tcfg), tcfg, out, self.workdir / "stage1", resume=resume,
                          device=self.device, progress=self.progress, data=data)
         self._models.pop(stage, None)
