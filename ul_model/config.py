@@ -147,7 +147,7 @@ PRESETS: dict[str, ULConfig] = {
     ),
     # CPU-sized: 16x32x32 clips -> 8x4x8x8 latent (4x4x4 downsampling, the paper's 24x compression) [choice].
     "video-ul-tiny": ULConfig(
-        name="video-ul-tiny", resolution=32, num_classes=1, frames=16, context_frames=5,
+        name="video-ul-tiny", resolution=32, num_classes=10, frames=16, context_frames=5,
         encoder=EncoderConfig(channels=(32, 64), blocks=(1, 1), latent_channels=8, time_patch=2, time_strides=(2,)),
         prior=TransformerConfig(width=64, depth=2, heads=4),
         decoder=DecoderConfig(channels=(32,), blocks_per_stage=2, time_patch=2, time_strides=(2,),

@@ -18,7 +18,9 @@ from ulbench.sweep import ResultsStore
 # smoke suite's small N; a broken sampler or a wrong loss weight moves these by far more (tests/test_check.py).
 DEFAULT_TOLERANCES = {"fid": {"rel": 0.15, "abs": 0.0}, "kid": {"rel": 0.3, "abs": 0.005},
                       "rfid": {"rel": 0.15, "abs": 0.0}, "psnr": {"rel": 0.0, "abs": 0.75},
-                      "bits_per_pixel": {"rel": 0.15, "abs": 0.0}}
+                      "bits_per_pixel": {"rel": 0.15, "abs": 0.0}, "fvd": {"rel": 0.15, "abs": 0.0},
+                      "rfvd": {"rel": 0.15, "abs": 0.0}, "pred_psnr": {"rel": 0.0, "abs": 0.75},
+                      "bits_per_frame": {"rel": 0.15, "abs": 0.0}}
 
 
 def _key(row: dict) -> tuple:

@@ -178,11 +178,13 @@ def run_status(run_dir: str | Path) -> tuple[list[dict], dict[str, dict]]:
     config = json.loads((run_dir / "config.json").read_text())
     store = ResultsStore(run_dir / "results.jsonl")
     states = method_states(run_dir)
-    wanted = set(config["resolved"]["evaluation"]["metrics"])
+    from ulbench.metrics.registry import METRICS
+
+    needs = {METRICS[m].needs for m in config["resolved"]["evaluation"]["metrics"]}
     rows = []
     for method, m in config["methods"].items():
-        points = (["stage1"] if m["stage1_steps"] and {"rfid", "psnr", "bits_per_pixel"} & wanted else [])
-        points += [f"b{i}" for i in range(len(m["rung_steps"]))] if {"fid", "kid"} & wanted else []
+        points = (["stage1"] if m["stage1_steps"] and "reconstructions" in needs else [])
+        points += [f"b{i}" for i in range(len(m["rung_steps"]))] if "samples" in needs else []
         active = states[method]["state"]
         first_open = True
         for point in points:

@@ -3,6 +3,8 @@
 Reads ``RUN/config.json`` and ``RUN/results.jsonl`` (one row per method x point x metric x guidance), writes into
 ``reports/<suite>/`` (or ``--out``): ``compute_vs_fid.png`` (+ ``compute_vs_kid.png``), ``rate_vs_quality.png``,
 ``grids/<method>_<point>.png``, ``results.csv``, ``summary.md`` and ``index.html`` (every PNG embedded as base64).
+Clip suites: ``compute_vs_fvd.png``, ``compute_vs_pred_psnr.png`` and ``psnr_per_frame.png`` with the two
+frame-prediction controls drawn on each, rate vs rFVD / PSNR, and sample strips (given frames framed green).
 Published reference points (``report.published``) are drawn as labelled markers, never mixed with measured ones.
 """
 from __future__ import annotations
@@ -25,6 +27,12 @@ from ulbench.io import atomic_write
 from ulbench.published import load_published
 
 REQUIRED = ("method", "point", "metric", "metric_base", "value", "train_flops")
+Y_LABELS = {"fid": "FID", "kid": "KID", "fvd": "FVD", "pred_psnr": "PSNR of the predicted frames (dB)"}
+LOG_Y = ("fid", "kid", "fvd")
+CONTROL_NOTES = {"last-frame": "the last given frame repeated: what a model must beat",
+                 "other-clips": "real clips of other videos: the floor at this N"}
+STRIP_NOTE = ("Sample strips: each pair of rows is a real clip, then the model's clip of it; frames framed green were "
+              "given (context), frames framed red were predicted. Stage-1 strips show reconstructions (nothing given).")
 X_LABELS = {"stage2": "stage-2 training FLOPs (autoencoder excluded)",
             "total": "total training FLOPs (stage 1 autoencoder + stage 2)"}
 PUBLISHED_NOTE = ("published, not measured: FID-50K vs ADM reference statistics, a different protocol fingerprint "
@@ -67,7 +75,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
     for col in ("train_flops", "steps"):
         flat = pd.json_normalize([r.get(col) or {} for r in rows]).add_prefix(f"{col}_")
         df = pd.concat([df.drop(columns=[col], errors="ignore"), flat.set_index(df.index)], axis=1)
-    for col in ("guidance", "ci95", "std", "grid", "fingerprint"):
+    for col in ("guidance", "ci95", "std", "grid", "fingerprint", "per_frame"):
         if col not in df:
             df[col] = None
     return config, df
@@ -187,17 +195,48 @@ def plot_compute(df: pd.DataFrame, base: str, counts: str, published: pd.DataFra
         ax.scatter([], [], marker="^", s=70, facecolors="none", edgecolors="black",
                    label="published, guided (not measured)")
         fig.text(0.01, -0.02, PUBLISHED_NOTE, fontsize=6, ha="left", va="top", wrap=True)
+    drawn += _draw_controls(ax, df, base)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
-    if (d["value"] > 0).all():  # KID is unbiased and can be <= 0 at small N: keep its axis linear then
+    if base in LOG_Y and (d["value"] > 0).all():  # KID is unbiased and can be <= 0 at small N: linear then
         ax.set_yscale("log")
     ax.set_xlabel(X_LABELS[counts])
-    ax.set_ylabel(base.upper())
+    ax.set_ylabel(Y_LABELS.get(base, base))
     names = ", ".join(dict.fromkeys(d["metric"]))
-    ax.set_title(f"{suite}: training compute vs {base.upper()} ({names}; shaded: 95% CI)", fontsize=9)
+    ax.set_title(f"{suite}: training compute vs {Y_LABELS.get(base, base)} ({names}; shaded: 95% CI)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     return _png(fig), pd.concat(plotted, ignore_index=True) if plotted else pd.DataFrame(), drawn
+
+
+def _draw_controls(ax, df: pd.DataFrame, base: str) -> list[str]:
+    """Frame-prediction controls (rows at point ``control``) as labelled horizontal lines."""
+    drawn = []
+    for k, (_, c) in enumerate(df[(df["point"] == "control") & (df["metric_base"] == base)].iterrows()):
+        text = f"control {c['method']}: {c['value']:.4g} ({CONTROL_NOTES.get(c['method'], 'no training')})"
+        ax.axhline(c["value"], linestyle=(0, (4, 2)), color=("tab:red", "tab:gray")[k % 2], linewidth=1.2,
+                   label=text)
+        drawn.append(text)
+    return drawn
+
+
+def plot_per_frame(df: pd.DataFrame, suite: str) -> bytes:
+    """PSNR of each predicted frame (mean over clips): every method's rungs and the controls."""
+    d = df[(df["metric_base"] == "pred_psnr") & df["per_frame"].map(lambda v: isinstance(v, list))]
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for _, r in d.iterrows():
+        control = r["point"] == "control"
+        frames = range(len(r["per_frame"]))
+        label = f"control {r['method']}" if control else _curve_label(f"{r['method']} {r['point']}", r["guidance"])
+        ax.plot(frames, r["per_frame"], linestyle="--" if control else "-", marker="" if control else "o",
+                markersize=3, label=label)
+    ax.set_xlabel("predicted frame (0 = the first frame after the given ones)")
+    ax.set_ylabel("PSNR (dB, uint8, mean over clips)")
+    ax.set_title(f"{suite}: PSNR of each predicted frame", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
 
 
 def plot_rate_vs_quality(df: pd.DataFrame, published: pd.DataFrame | None, suite: str):
@@ -209,7 +248,9 @@ def plot_rate_vs_quality(df: pd.DataFrame, published: pd.DataFrame | None, suite
     if published is not None:
         pub = published[published["metric_base"].isin(["bits_per_pixel", "rfid", "psnr"])]
         pub = pub.pivot_table(index="label", columns="metric_base", values="value", sort=False)
-    for ax, y, name in zip(fig.subplots(1, 2), ("rfid", "psnr"), ("rFID", "PSNR (dB)")):
+    distance = "rfvd" if "rfvd" in s.columns else "rfid"  # clip suites: rFVD
+    for ax, y, name in zip(fig.subplots(1, 2), (distance, "psnr"), (distance.replace("rf", "rF").replace("d", "D"),
+                                                                    "PSNR (dB)")):
         if {"bits_per_pixel", y} <= set(s.columns):
             m = s[["bits_per_pixel", y]].dropna()
             ax.scatter(m["bits_per_pixel"], m[y], marker="o", label="measured (this run)")
@@ -224,7 +265,7 @@ def plot_rate_vs_quality(df: pd.DataFrame, published: pd.DataFrame | None, suite
             drawn += [f"{label} (published)" for label in p.index if f"{label} (published)" not in drawn]
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels collide on short log ranges
-        if y == "rfid" and ax.has_data():
+        if y in ("rfid", "rfvd") and ax.has_data():
             ax.set_yscale("log")
         ax.set_xlabel("bits per pixel (latent rate)")
         ax.set_ylabel(name)
@@ -259,7 +300,7 @@ def copy_grids(run_dir: Path, df: pd.DataFrame, out_dir: Path) -> tuple[dict, li
 
 
 def _html_page(config: dict, table: pd.DataFrame, fp_lines: list[str], warnings: list[str], pngs: dict,
-               published: pd.DataFrame | None) -> str:
+               published: pd.DataFrame | None, figure_note: str = "") -> str:
     e = html.escape
     info = "".join(f"<li><b>{k}</b>: {e(str(config.get(k)))}</li>" for k in ("suite", "git_commit", "created_at"))
     images = "".join(f"<h3>{e(name)}</h3><img alt='{e(name)}' src='data:image/png;base64,"
@@ -273,7 +314,7 @@ def _html_page(config: dict, table: pd.DataFrame, fp_lines: list[str], warnings:
             f"</style></head><body><h1>ulbench report: {e(config.get('suite', ''))}</h1><ul>{info}</ul>{warn}"
             f"<h2>Summary</h2>{table.to_html(index=False)}<h2>Protocol fingerprints</h2><ul>"
             + "".join(f"<li><code>{e(line)}</code></li>" for line in fp_lines)
-            + f"</ul><h2>Figures and sample grids</h2>{images}{pub}</body></html>\n")
+            + f"</ul><h2>Figures and sample grids</h2><p>{e(figure_note)}</p>{images}{pub}</body></html>\n")
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
@@ -290,11 +331,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     published = load_published(pub_name) if pub_name else None
     out_dir = Path(out_dir) if out_dir is not None else Path("reports") / suite
     pngs, plotted, drawn = {}, [], []
-    for base in ("fid", "kid"):
-        if ((df["metric_base"] == base) & (df["point"] != "stage1")).any():
+    for base in ("fid", "kid", "fvd", "pred_psnr"):
+        if ((df["metric_base"] == base) & ~df["point"].isin(["stage1", "control"])).any():
             png, pts, labels = plot_compute(df, base, counts, published, suite)
             pngs[f"compute_vs_{base}.png"], drawn = png, drawn + labels
             plotted.append(pts)
+    if "per_frame" in df and (df["metric_base"] == "pred_psnr").any():
+        pngs["psnr_per_frame.png"] = plot_per_frame(df, suite)
     if (df["point"] == "stage1").any():
         pngs["rate_vs_quality.png"], labels = plot_rate_vs_quality(df, published, suite)
         drawn += labels
@@ -309,7 +352,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     fp_lines, fp_warnings = fingerprint_lines(df)
     warnings = fp_warnings + warnings
     flat = df.assign(**{c: df[c].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
-                        for c in ("ci95", "fingerprint", "versions") if c in df})
+                        for c in ("ci95", "fingerprint", "versions", "per_frame") if c in df})
     with atomic_write(out_dir / "results.csv") as f:
         flat.to_csv(f, index=False)
     head = (f"run `{run_dir}`, git commit `{config.get('git_commit')}`, created {config.get('created_at')}; "
@@ -322,7 +365,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     with atomic_write(out_dir / "summary.md") as f:
         f.write("\n".join(md))
     with atomic_write(out_dir / "index.html") as f:
-        f.write(_html_page(config, table, fp_lines, warnings, pngs, published))
+        f.write(_html_page(config, table, fp_lines, warnings, pngs, published,
+                           STRIP_NOTE if (resolved.get("dataset") or {}).get("frames") else ""))
     paths.update({n: out_dir / n for n in ("results.csv", "summary.md", "index.html")})
     return {"paths": paths, "plotted": pd.concat(plotted, ignore_index=True) if plotted else pd.DataFrame(),
             "x_axis": counts, "x_label": X_LABELS[counts], "published_drawn": drawn, "warnings": warnings}

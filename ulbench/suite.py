@@ -42,7 +42,7 @@ from ulbench.suite_schema import (
 SUPPORTED_VERSIONS = (1,)
 TOP_KEYS = ("version", "name", "description", "include", "dataset", "methods", "compute", "evaluation", "seeds",
             "device", "precision", "report")
-PUBLISHED = ("imagenet512",)  # published-points files a report can overlay
+PUBLISHED = ("imagenet512", "kinetics600")  # published-points files a report can overlay
 SUITE_NAME = r"[a-z0-9][a-z0-9_.-]*"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 
@@ -91,10 +91,20 @@ class Suite:
         methods = [{"name": m.name, "kind": m.kind, "preset": m.preset, "overrides": m.overrides, "train": m.train}
                    for m in self.methods]
         return plain({"version": self.version, "name": self.name, "description": self.description,
-                       "dataset": asdict(self.dataset), "methods": methods,
+                       "dataset": self.dataset.to_dict(), "methods": methods,
                        "compute": {"ladder": c.ladder, "counts": c.counts, "stage1": stage1},
-                       "evaluation": asdict(self.evaluation), "seeds": asdict(self.seeds), "device": self.device,
+                       "evaluation": self._evaluation_dict(), "seeds": asdict(self.seeds), "device": self.device,
                        "precision": self.precision, "report": asdict(self.report)})
+
+
+    def _evaluation_dict(self) -> dict:
+        d = asdict(self.evaluation)
+        if self.evaluation.dataset is None:
+            d.pop("dataset")  # image suites, and clip suites evaluating on their training set
+        else:
+            ds = self.evaluation.dataset.to_dict()
+            d["dataset"] = {k: v for k, v in ds.items() if self.dataset.to_dict()[k] != v}  # as written: the changes
+        return d
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -266,8 +276,9 @@ def _read_suite(ck: Checker, data: dict) -> Suite:
         ck.fail(("description",), f"expected a string, got {show(description)}")
     return Suite(
         version=version, name=ck.string(name, ("name",), SUITE_NAME), description=description, file=ck.file,
-        dataset=dataset, methods=read_methods(ck, data["methods"], dataset.resolution),
-        compute=read_compute(ck, data["compute"]), evaluation=read_evaluation(ck, data.get("evaluation", {})),
+        dataset=dataset, methods=read_methods(ck, data["methods"], dataset.resolution, dataset.frames),
+        compute=read_compute(ck, data["compute"]),
+        evaluation=read_evaluation(ck, data.get("evaluation", {}), dataset),
         seeds=SeedSpec(*(ck.integer(seeds.get(k, 0), ("seeds", k), 0) for k in ("train", "sample"))),
         device=device, precision=ck.choice(data.get("precision", "auto"), ("precision",), ("auto", "fp32", "bf16")),
         report=ReportSpec(None if published is None else ck.choice(published, ("report", "published"), PUBLISHED)))
@@ -278,9 +289,15 @@ def _read_suite(ck: Checker, data: dict) -> Suite:
 
 def check_paths(suite: Suite) -> None:
     """The dataset folder and a reference path exist here (``ulbench run`` checks this before training)."""
-    want = {"prepared": "a dataset written by `ulbench data prepare` (folder or .zip)",
-            "folder": "your images (ImageFolder layout)"}
-    checks = [("dataset.path", suite.dataset.path, want[suite.dataset.name])] if suite.dataset.path else []
+    from ulbench.suite_schema import PATH_WANTS
+
+    d, e = suite.dataset, suite.evaluation.dataset
+    checks = [("dataset.path", d.path, PATH_WANTS[d.name])] if d.path else []
+    checks += [("dataset.annotations", d.annotations, "the official Kinetics annotation CSV")] if d.annotations else []
+    if e is not None:
+        checks += [("evaluation.dataset.path", e.path, PATH_WANTS[e.name])] if e.path and e.path != d.path else []
+        checks += [("evaluation.dataset.annotations", e.annotations, "the official Kinetics annotation CSV")] \
+            if e.annotations and e.annotations != d.annotations else []
     if suite.evaluation.reference != "dataset":
         checks.append(("evaluation.reference", suite.evaluation.reference,
                        "ADM .npz statistics or an image folder, or reference: dataset"))

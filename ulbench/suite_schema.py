@@ -10,12 +10,12 @@ import difflib
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ulbench.errors import UserError
-from ulbench.metrics.registry import METRICS
+from ulbench.metrics.registry import METRICS, metrics_for
 
 Key = tuple  # a key path: mapping keys (str) and list indices (int), e.g. ("methods", 0, "preset")
 
@@ -152,32 +152,60 @@ class Checker:
         return value
 
 
-DATASETS = ("photos", "fashion-mnist", "prepared", "folder")
-PATH_DATASETS = ("prepared", "folder")  # the ones read from dataset.path
+VIDEO_DATASETS = ("clips", "videos", "kinetics", "clip-array", "prepared-clips")
+DATASETS = ("photos", "fashion-mnist", "prepared", "folder", *VIDEO_DATASETS)
+PATH_DATASETS = ("prepared", "folder", "videos", "kinetics", "clip-array", "prepared-clips")  # read from dataset.path
+PATH_WANTS = {  # what dataset.path holds, per dataset name
+    "prepared": "a folder or .zip written by `ulbench data prepare`",
+    "folder": "the images of this folder (ImageFolder layout), ADM-cropped on the fly",
+    "videos": "a folder of videos (labels from its sub-folders)",
+    "kinetics": "the folder of Kinetics clips ({youtube_id}_{start:06d}_{end:06d}.mp4, flat or in class folders)",
+    "clip-array": "an .npz of uint8 clips (arr_0: N x T x H x W x C)",
+    "prepared-clips": "a folder written by `ulbench data prepare-clips`",
+}
+# Keys of video datasets only; images leave them at these values.
+VIDEO_DEFAULTS = {"frames": 16, "stride": 1, "fps": None, "clips_per_video": None, "hop": None, "annotations": None}
+IMAGE_VIDEO_KEYS = {"frames": 0, "stride": 1, "fps": None, "clips_per_video": None, "hop": None, "annotations": None}
+EVAL_DATASET_KEYS = ("path", "annotations", "split", "subset", "clips_per_video", "hop")
 METHOD_NAME = r"[a-z0-9][a-z0-9_-]*"
 MAX_RUNGS = 1000  # a {start, factor, count} ladder longer than this is a typo, not a sweep
 # Defaults of the optional keys of the sections (required: dataset.name, dataset.resolution, methods[].name,
 # methods[].preset, compute.ladder; dataset.path when dataset.name is prepared or folder).
 DATASET_DEFAULTS = {"path": None, "split": "train", "subset": None, "class_conditional": False, "xflip": False,
-                    "workers": 0}
+                    "workers": 0, **VIDEO_DEFAULTS}
 METHOD_DEFAULTS = {"kind": "ul", "overrides": {}, "train": {}}
 STAGE1_DEFAULT = {"fraction": 0.5}
 SAMPLER_DEFAULTS = {"method": "ancestral", "steps": 50, "decoder_steps": 50}
-EVAL_DEFAULTS = {"metrics": list(METRICS), "num_samples": 200, "num_reconstructions": 200, "reference": "dataset",
+EVAL_DEFAULTS = {"metrics": None, "num_samples": 200, "num_reconstructions": 200, "reference": "dataset",
                  "reference_size": None, "sampler": SAMPLER_DEFAULTS, "guidance": [1.0], "bootstrap": 0,
-                 "kid_subset_size": 100, "resize": "legacy", "batch_size": 50}
+                 "kid_subset_size": 100, "resize": "legacy", "batch_size": 50, "dataset": None}
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    name: str  # photos | fashion-mnist | prepared | folder
-    path: str | None  # prepared: `ulbench data prepare` output (folder or .zip); folder: an ImageFolder tree
+    name: str  # photos | fashion-mnist | prepared | folder; clips: clips | videos | kinetics | clip-array | prepared-clips
+    path: str | None  # what PATH_WANTS says, per name
     resolution: int
-    split: str  # train | test
+    split: str  # train | test (kinetics: train | val | test)
     subset: int | None  # use the first N images
     class_conditional: bool
     xflip: bool  # train on mirrored copies too (EDM2's xflip: 2N images; latent caches keep both)
     workers: int  # DataLoader worker processes for training batches and latent caching (0: in the main process)
+    frames: int = 0  # clips: T frames (0: an image dataset)
+    stride: int = 1  # clips: every stride-th source frame ...
+    fps: float | None = None  # ... or frames resampled to this rate
+    clips_per_video: int | None = None  # clips: windows per video (None: every window)
+    hop: int | None = None  # clips: source frames between window starts (None: one clip span)
+    annotations: str | None = None  # kinetics: the official annotation CSV
+
+    @property
+    def video(self) -> bool:
+        return self.frames > 0
+
+    def to_dict(self) -> dict:
+        """Plain fields; an image dataset leaves out the clip keys (they keep their image values)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in d.items() if self.video or k not in IMAGE_VIDEO_KEYS}
 
 
 @dataclass(frozen=True)
@@ -222,6 +250,7 @@ class EvalSpec:
     kid_subset_size: int
     resize: str  # legacy | clean
     batch_size: int  # feature extraction
+    dataset: DatasetSpec | None = None  # clips: the evaluation set (the dataset with evaluation.dataset's keys)
 
 
 @dataclass(frozen=True)
@@ -243,30 +272,68 @@ def plain(value: Any) -> Any:
     return value
 
 
-def read_dataset(ck: Checker, raw: Any) -> DatasetSpec:
-    p = ("dataset",)
+def read_dataset(ck: Checker, raw: Any, p: Key = ("dataset",)) -> DatasetSpec:
     d = {**DATASET_DEFAULTS, **ck.mapping(raw, p, ("name", *DATASET_DEFAULTS, "resolution"), ("name", "resolution"))}
     name = ck.choice(d["name"], (*p, "name"), DATASETS)
+    video = name in VIDEO_DATASETS
     resolution = ck.integer(d["resolution"], (*p, "resolution"), 1)
     if resolution % 8:
         ck.fail((*p, "resolution"), f"must be a multiple of 8, got {resolution}")
     if name in PATH_DATASETS and d["path"] is None:
-        what = "a folder or .zip written by `ulbench data prepare`" if name == "prepared" else \
-            "the images of this folder (ImageFolder layout), ADM-cropped on the fly"
-        ck.fail((*p, "path"), f"missing: name: {name} reads {what}")
+        ck.fail((*p, "path"), f"missing: name: {name} reads {PATH_WANTS[name]}")
     if name not in PATH_DATASETS and d["path"] is not None:
-        ck.fail((*p, "path"), f"only for name: prepared or folder ({name} needs no path); remove it or set it to null")
-    return DatasetSpec(name, None if d["path"] is None else ck.string(d["path"], (*p, "path")), resolution,
-                       ck.choice(d["split"], (*p, "split"), ("train", "test")),
+        ck.fail((*p, "path"), f"only for name: {' or '.join(PATH_DATASETS)} ({name} needs no path); remove it or "
+                "set it to null")
+    if not video:
+        for key in VIDEO_DEFAULTS:
+            if key in raw:
+                ck.fail((*p, key), f"only for clip datasets ({', '.join(VIDEO_DATASETS)}); {name} holds images")
+    if (name == "kinetics") != (d["annotations"] is not None):
+        ck.fail((*p, "annotations"), "name: kinetics needs the official annotation CSV here (e.g. validate.csv)"
+                if name == "kinetics" else f"only for name: kinetics, not {name}")
+    splits = ("train", "val", "test") if name == "kinetics" else ("train", "test")
+    split = d["split"] if not isinstance(d["split"], str) or name != "kinetics" else \
+        {"validate": "val", "validation": "val"}.get(d["split"], d["split"])
+    spec = DatasetSpec(name, None if d["path"] is None else ck.string(d["path"], (*p, "path")), resolution,
+                       ck.choice(split, (*p, "split"), splits),
                        None if d["subset"] is None else ck.integer(d["subset"], (*p, "subset"), 1),
                        ck.boolean(d["class_conditional"], (*p, "class_conditional")),
                        ck.boolean(d["xflip"], (*p, "xflip")), ck.integer(d["workers"], (*p, "workers"), 0))
+    if not video:
+        return spec
+    return replace(spec, frames=ck.integer(d["frames"], (*p, "frames"), 2),
+                   stride=ck.integer(d["stride"], (*p, "stride"), 1),
+                   fps=None if d["fps"] is None else ck.number(d["fps"], (*p, "fps"), above=0),
+                   clips_per_video=None if d["clips_per_video"] is None else
+                   ck.integer(d["clips_per_video"], (*p, "clips_per_video"), 1),
+                   hop=None if d["hop"] is None else ck.integer(d["hop"], (*p, "hop"), 1),
+                   annotations=None if d["annotations"] is None else ck.string(d["annotations"], (*p, "annotations")))
 
 
-def read_methods(ck: Checker, raw: Any, resolution: int) -> tuple[MethodSpec, ...]:
+def read_eval_dataset(ck: Checker, raw: Any, dataset: DatasetSpec) -> DatasetSpec | None:
+    """``evaluation.dataset``: the keys of the training dataset that differ for the evaluation clips (e.g. another
+    annotation CSV and split); clips only. Unset: the training dataset itself."""
+    p = ("evaluation", "dataset")
+    if raw is None:
+        return None
+    if not dataset.video:
+        ck.fail(p, "only for clip datasets: image suites evaluate against evaluation.reference")
+    ck.mapping(raw, p, EVAL_DATASET_KEYS)
+    merged = {**dataset.to_dict(), **raw}
+    merged.pop("frames")  # a clip's frames are the model's: the evaluation clips have the same
+    return replace(read_dataset(ck, merged, p), frames=dataset.frames)
+
+
+def read_methods(ck: Checker, raw: Any, resolution: int, frames: int = 0) -> tuple[MethodSpec, ...]:
+    """``frames``: the dataset's clip length (0: images); every method's preset must take such items."""
     methods: list[MethodSpec] = []
     for i, item in enumerate(ck.sequence(raw, ("methods",), "methods (mappings with name, kind, preset)")):
         m = _read_method(ck, item, ("methods", i), resolution)
+        preset_frames = getattr(m.config(), "frames", 0)
+        if preset_frames != frames:
+            what = lambda t: f"clips of {t} frames" if t else "images"  # noqa: E731
+            ck.fail(("methods", i, "preset"), f"{m.preset} models {what(preset_frames)}, but the dataset holds "
+                    f"{what(frames)}; choose a {'video' if frames else 'image'} preset or set dataset.frames")
         first = next((j for j, other in enumerate(methods) if other.name == m.name), None)
         if first is not None:
             ck.fail(("methods", i, "name"), f"'{m.name}' is also the name of methods[{first}]; names must be unique")
@@ -400,12 +467,16 @@ def _read_ladder(ck: Checker, raw: Any, p: Key) -> tuple[float, ...]:
     return budgets
 
 
-def read_evaluation(ck: Checker, raw: Any) -> EvalSpec:
+def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
     p = ("evaluation",)
     d = {**EVAL_DEFAULTS, **ck.mapping(raw, p, tuple(EVAL_DEFAULTS))}
-    metrics = ck.sequence(d["metrics"], (*p, "metrics"), "metric names")
+    allowed = metrics_for(dataset.video)
+    metrics = allowed if d["metrics"] is None else ck.sequence(d["metrics"], (*p, "metrics"), "metric names")
     for i, m in enumerate(metrics):
         ck.choice(m, (*p, "metrics", i), list(METRICS))
+        if m not in allowed:
+            ck.fail((*p, "metrics", i), f"'{m}' is not defined on {'clips' if dataset.video else 'images'} "
+                    f"(dataset {dataset.name})", allowed)
         if m in metrics[:i]:
             ck.fail((*p, "metrics", i), f"'{m}' is listed twice")
     s = {**SAMPLER_DEFAULTS, **ck.mapping(d["sampler"], (*p, "sampler"), tuple(SAMPLER_DEFAULTS))}
@@ -423,4 +494,5 @@ def read_evaluation(ck: Checker, raw: Any) -> EvalSpec:
         bootstrap=ck.integer(d["bootstrap"], (*p, "bootstrap"), 0),
         kid_subset_size=ck.integer(d["kid_subset_size"], (*p, "kid_subset_size"), 1),
         resize=ck.choice(d["resize"], (*p, "resize"), ("legacy", "clean")),
-        batch_size=ck.integer(d["batch_size"], (*p, "batch_size"), 1))
+        batch_size=ck.integer(d["batch_size"], (*p, "batch_size"), 1),
+        dataset=read_eval_dataset(ck, d["dataset"], dataset))

@@ -118,6 +118,7 @@ class Sweep:
         self.store = ResultsStore(self.run_dir / "results.jsonl")
         self.data = load_suite_dataset(suite)
         self._evaluator = None
+        self.clip_eval = None  # clip suites: a video_eval.ClipEvaluation, made by run_controls
         self.commit, self.versions = git_commit(), versions()
 
     @property
@@ -160,7 +161,7 @@ class Sweep:
     def row(self, plan: MethodPlan, point: str, rung: int | None, metric: str, value: float, n: int,
             fingerprint: dict, wall_s: float, ci95=None, std=None, guidance=None, grid=None) -> dict:
         info = METRICS[metric]
-        name = f"{metric}{n}" if metric in ("fid", "kid", "rfid") else metric
+        name = f"{metric}{n}" if metric in ("fid", "kid", "rfid", "fvd", "rfvd") else metric
         return {"suite": self.suite.name, "run": self.run_dir.name, "method": plan.name, "kind": plan.kind,
                 "preset": plan.preset, "point": point, "budget_index": rung,
                 "budget_train_flops": None if rung is None else self.suite.budgets[rung], "metric": name,
@@ -171,8 +172,8 @@ class Sweep:
                 "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def sharded_images(self, path: Path, n: int, produce, desc: str) -> tuple[np.ndarray, dict | None]:
-        """Items 0..n-1 made in ``SAMPLE_BATCH`` batches by ``produce(lo, hi)`` -> (uint8 NCHW images, dict of
-        per-image arrays), rank r making its contiguous share of the batches (the same batches, and so the same
+        """Items 0..n-1 made in ``SAMPLE_BATCH`` batches by ``produce(lo, hi)`` -> (uint8 NCHW images or NCTHW clips,
+        dict of per-item arrays), rank r making its contiguous share of the batches (the same batches, and so the same
         bytes, under any world size) into a part file; rank 0 joins the parts into the ADM ``.npz`` ``path``.
         Returns the images as a memory map on every rank and, on rank 0, the per-image arrays in index order."""
         from ulbench import dist
@@ -188,7 +189,7 @@ class Sweep:
         for lo in tqdm(starts, desc=desc, disable=not self.progress or rank != 0):
             hi = min(lo + SAMPLE_BATCH, n)
             images, extra = produce(lo, hi)
-            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            images = images.movedim(1, -1).cpu().numpy()  # (N, [T,] H, W, C)
             if mm is None:
                 first, stop = dist.span(starts, n, SAMPLE_BATCH)
                 count = stop - first
@@ -327,21 +328,34 @@ class Sweep:
         if plan.stage1_steps:
             log.info("%s: stage1 to step %d", plan.name, plan.stage1_steps)
             runner.train("stage1", plan.stage1_steps, resume=True)
-            wants_recon = kind.reconstructs and {"rfid", "psnr", "bits_per_pixel"} & set(self.suite.evaluation.metrics)
+            wants_recon = kind.reconstructs and any(METRICS[m].needs == "reconstructions"
+                                                    for m in self.suite.evaluation.metrics)
             if wants_recon and not self.done(plan.name, "stage1"):
-                self.add(self.evaluate_reconstructions(plan, runner))
+                self.add(self.clip_eval.reconstructions(plan, runner) if self.clip_eval
+                         else self.evaluate_reconstructions(plan, runner))
                 log.info("%s: stage1 evaluated", plan.name)
             elif wants_recon:
                 log.info("%s: stage1 point already stored, skipped", plan.name)
-        wants_samples = {"fid", "kid"} & set(self.suite.evaluation.metrics)
+        wants_samples = any(METRICS[m].needs == "samples" for m in self.suite.evaluation.metrics)
         for rung, steps in enumerate(plan.rung_steps if wants_samples else []):
             if self.done(plan.name, f"b{rung}"):
                 log.info("%s: b%d already stored, skipped", plan.name, rung)
                 continue
             log.info("%s: %s to step %d (rung b%d)", plan.name, plan.final_stage, steps, rung)
             runner.train(plan.final_stage, steps, resume=True)
-            self.add(self.evaluate_samples(plan, runner, rung))
+            self.add(self.clip_eval.predictions(plan, runner, rung) if self.clip_eval
+                     else self.evaluate_samples(plan, runner, rung))
             log.info("%s: b%d evaluated", plan.name, rung)
+
+    def run_controls(self, plans: list[MethodPlan]) -> None:
+        """Clip suites: the evaluation clips, and the frame-prediction controls scored once per run."""
+        from ulbench.video_eval import CONTROLS, ClipEvaluation
+
+        self.clip_eval = ClipEvaluation(self, plans)
+        wanted = {"fvd", "pred_psnr"} & set(self.suite.evaluation.metrics)
+        if wanted and not all(self.done(c, "control") for c in CONTROLS):
+            self.add(self.clip_eval.controls())
+            log.info("controls (%s) evaluated", ", ".join(CONTROLS))
 
     def run(self, plans: list[MethodPlan]) -> None:
         """Every plan in order, holding the run directory's lock of each method (rank 0) while it runs."""
@@ -354,6 +368,8 @@ class Sweep:
                 for plan in plans:
                     lock.acquire(plan.name)
             dist.barrier()
+            if self.suite.dataset.video:
+                self.run_controls(plans)
             for plan in plans:
                 self.run_method(plan)
         finally:

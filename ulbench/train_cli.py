@@ -9,6 +9,7 @@ import torch
 from ulbench.data.base import XFlip
 from ulbench.errors import UserError
 from ulbench.methods.base import TrainData, latest_checkpoint_file, latent_training_set, training_batches
+from ulbench.methods.ul import stage2_latent_name
 
 SAMPLE_BATCH = 16
 
@@ -39,13 +40,14 @@ def _check_out(out: Path, resume: bool) -> None:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
 
-def _train_data(spec: str, resolution: int, args) -> TrainData:
+def _train_data(spec: str, resolution: int, args, frames: int = 0) -> TrainData:
     from ulbench.data import load_dataset
 
     if not spec:
-        raise UserError("no dataset: pass --data (photos, fashion-mnist, a prepared dataset or an image folder)")
-    ds = load_dataset(spec, resolution)
-    source = spec if spec in ("photos", "fashion-mnist") else str(Path(spec).expanduser().resolve())
+        raise UserError("no dataset: pass --data (photos, fashion-mnist, a prepared dataset or an image folder; "
+                        "video presets: clips, prepared clips, an .npz of clips or a folder of videos)")
+    ds = load_dataset(spec, resolution, frames)
+    source = spec if spec in ("photos", "fashion-mnist", "clips") else str(Path(spec).expanduser().resolve())
     return TrainData(ds, xflip=args.xflip, workers=args.workers, source=source)
 
 
@@ -59,7 +61,7 @@ def cmd_train_stage1(args) -> None:
     from ul_model.stages import train_stage1
 
     cfg = _preset(args.preset)
-    data = _train_data(args.data, cfg.resolution, args)
+    data = _train_data(args.data, cfg.resolution, args, cfg.frames)
     _check_out(Path(args.out), args.resume)
     if data.dataset.num_classes > cfg.num_classes:
         raise UserError(f"{args.data} has {data.dataset.num_classes} classes but preset {cfg.name} embeds "
@@ -79,14 +81,15 @@ def cmd_train_stage2(args) -> None:
         _, meta = load_run(args.stage1)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
-    data = _train_data(args.data or _recorded_spec(meta), meta["model"]["resolution"], args)
+    data = _train_data(args.data or _recorded_spec(meta), meta["model"]["resolution"], args,
+                       meta["model"].get("frames", 0))
     _check_out(Path(args.out), args.resume)
     tcfg = _train_config(args)
     model = stage2_model(args.stage1, _preset(args.preset).base if args.preset else None, seed=tcfg.seed)
-    encoder = model.encoder.to(args.device).eval()
-    latents = latent_training_set(Path(args.out) / "latents", "ul z_clean",
+    model.encoder.to(args.device).eval()
+    latents = latent_training_set(Path(args.out) / "latents", stage2_latent_name(model.cfg),
                                   sha256_file(latest_checkpoint_file(Path(args.stage1))),
-                                  lambda x: encoder(image_input(x.to(args.device))), data, progress=True)
+                                  lambda x: model.stage2_latents(image_input(x.to(args.device))), data, progress=True)
     log = train_stage2(model, training_batches(latents, tcfg, data.workers, args.device), tcfg, args.out,
                        args.stage1, resume=args.resume, device=args.device, data=data.record())
     print(json.dumps(log[-1] if log else {"step": "already finished"}))
@@ -112,6 +115,13 @@ def _load(run: str, device: str):
     return model.to(device), meta
 
 
+def _images_only(model, run: str, verb: str) -> None:
+    if model.cfg.video:
+        raise UserError(f"{run} is a video run ({model.cfg.name}); `ulbench {verb}` writes PNG images. Evaluate clips "
+                        "with a clip suite (e.g. `ulbench run suites/video-smoke.yaml`), which stores predictions, "
+                        "reconstructions and strips")
+
+
 def cmd_sample(args) -> None:
     """Under torchrun each rank takes every world-th batch; sample i always uses seed + i, so the images do not
     depend on batch size or on the number of processes."""
@@ -121,6 +131,7 @@ def cmd_sample(args) -> None:
 
     rank, world = distributed()
     model, meta = _load(args.run, args.device)
+    _images_only(model, args.run, "sample")
     if meta["stage"] != 2:
         raise UserError(f"{args.run} is a stage-{meta['stage']} run; sampling needs a stage-2 run (base model)")
     out = Path(args.out)
@@ -142,6 +153,7 @@ def cmd_reconstruct(args) -> None:
     from ulbench.data.base import to_float
 
     model, meta = _load(args.run, args.device)
+    _images_only(model, args.run, "reconstruct")
     spec = args.data or _recorded_spec(meta)
     if not spec:
         raise UserError(f"{args.run} records no dataset; pass --data")

@@ -39,8 +39,28 @@ def open_path(path: str | Path, resolution: int, where: str) -> ImageDataset:
     raise UserError(f"{where}: {p} is neither a prepared dataset (folder or .zip) nor an image folder")
 
 
-def load_dataset(spec: str, resolution: int) -> ImageDataset:
-    """``--data`` of `ulbench train`/`reconstruct`: photos, fashion-mnist, or a path (see ``open_path``)."""
+def load_clip_dataset(spec: str, resolution: int, frames: int):
+    """``--data`` of a video preset: ``clips`` (the bundled clips, windows every 4 frames), a folder written by
+    `ulbench data prepare-clips`, an ``.npz`` of uint8 clips, or a folder of videos (every window)."""
+    from ulbench.data.prepared_video import is_prepared_clips
+    from ulbench.suite_schema import DatasetSpec
+
+    if not spec:
+        raise UserError("--data: empty; give clips, a folder from `ulbench data prepare-clips`, an .npz of clips or "
+                        "a folder of videos")
+    p = Path(spec).expanduser()
+    name = "clips" if spec == "clips" else "prepared-clips" if is_prepared_clips(p) else \
+        "clip-array" if p.suffix == ".npz" else "videos"
+    ds_spec = DatasetSpec(name, None if name == "clips" else str(p), resolution, "train", None, False, False, 0,
+                          frames=frames, clips_per_video=None, hop=4 if name == "clips" else None)
+    return open_clips(ds_spec, f"--data {spec}")
+
+
+def load_dataset(spec: str, resolution: int, frames: int = 0) -> ImageDataset:
+    """``--data`` of `ulbench train`/`reconstruct`: photos, fashion-mnist, or a path (see ``open_path``); clips
+    when ``frames`` (see ``load_clip_dataset``)."""
+    if frames:
+        return load_clip_dataset(spec, resolution, frames)
     if spec == "fashion-mnist":
         ds = fashion_mnist()
     elif spec == "photos":
@@ -54,21 +74,47 @@ def load_dataset(spec: str, resolution: int) -> ImageDataset:
     return ds
 
 
-def load_suite_dataset(suite) -> ImageDataset:
-    """A suite's ``dataset`` section -> dataset (errors name the suite file and key); ``xflip`` is left to the
-    training stages (evaluation reads the images as they are)."""
-    spec = suite.dataset
-    where = f"{suite.file}: dataset"
-    if spec.name == "fashion-mnist":
+def open_clips(spec, where: str):
+    """A clip dataset section (``DatasetSpec`` with ``frames``) -> dataset of (uint8 or [-1, 1] (3, T, R, R), label):
+    the bundled clips in memory, else streamed (decoded per item, or memory-mapped shards and arrays)."""
+    from ulbench.data import video
+    from ulbench.data.prepared_video import PreparedClips
+
+    sampling = video.ClipSampling(spec.frames, spec.resolution, spec.stride, spec.fps)
+    path = None if spec.path is None else Path(spec.path).expanduser()
+    if path is not None and not path.exists():
+        raise UserError(f"{where}.path: {path} does not exist")
+    if spec.name == "clips":
+        return video.in_memory(video.VideoDataset(video.bundled_clips(), sampling, spec.clips_per_video, spec.hop))
+    if spec.name in ("videos", "kinetics"):
+        listing = video.read_video_folder(path) if spec.name == "videos" else \
+            video.read_kinetics(Path(spec.annotations).expanduser(), path, spec.split)
+        return video.VideoDataset(listing, sampling, spec.clips_per_video, spec.hop)
+    ds = video.ClipArrayDataset(path, spec.resolution) if spec.name == "clip-array" else PreparedClips(path)
+    if ds.frames != spec.frames or (spec.name == "prepared-clips" and ds.resolution != spec.resolution):
+        raise UserError(f"{where}.path: {path} holds clips of {ds.frames} frames at {ds.resolution}px, the suite asks "
+                        f"for {spec.frames} at {spec.resolution}px; set dataset.frames/resolution or prepare again")
+    return ds
+
+
+def load_suite_dataset(suite, spec=None, where: str = "dataset") -> ImageDataset:
+    """A suite's ``dataset`` section (or ``spec``, e.g. a clip suite's evaluation set) -> dataset (errors name the
+    suite file and key); ``xflip`` is left to the training stages (evaluation reads the images as they are)."""
+    spec = spec or suite.dataset
+    where = f"{suite.file}: {where}"
+    if spec.video:
+        ds = open_clips(spec, where)
+    elif spec.name == "fashion-mnist":
         ds = fashion_mnist(spec.split)
     elif spec.name == "photos":
         # test split: crops drawn with another seed than the training crops
         ds = photos(spec.resolution, seed=PHOTO_SEED + (1 if spec.split == "test" else 0))
     else:
         ds = open_path(spec.path, spec.resolution, f"{where}.path")
-    if ds.resolution != spec.resolution:
+    if not spec.video and ds.resolution != spec.resolution:
         raise UserError(f"{where}.resolution: {spec.resolution}, but {ds.name} images are {ds.resolution}x"
                         f"{ds.resolution}")
+    skipped = getattr(ds, "skipped", {})  # clips: videos left out, by reason (reported with every video metric)
     if spec.subset is not None:
         if spec.subset > len(ds):
             raise UserError(f"{where}.subset: {spec.subset} images asked for, {ds.name} has {len(ds)}")
@@ -76,6 +122,7 @@ def load_suite_dataset(suite) -> ImageDataset:
     if not spec.class_conditional:
         ds = MemoryDataset(ds.name, ds.images, ds.labels_tensor * 0, 1) if isinstance(ds, MemoryDataset) \
             else Unlabelled(ds)
+    ds.skipped = skipped
     return ds
 
 

@@ -11,6 +11,11 @@ from ul_model.stages import image_input
 from ulbench.methods.base import NetworkCall, RunnerBase, StepInputs, TrainData, apply_overrides
 
 
+def stage2_latent_name(cfg) -> str:
+    """What a UL latent cache holds (part of its key): z_clean, and for clips the context latent beside it."""
+    return f"ul z_clean + context latent ({cfg.context_frames} frames)" if cfg.video else "ul z_clean"
+
+
 class UL:
     name = "ul"
     stages = ("stage1", "stage2")
@@ -91,8 +96,7 @@ class ULRunner(RunnerBase):
         else:
             model = stage2_model(self.workdir / "stage1", self.config.base, seed=tcfg.seed)
             model.encoder.to(self.device).eval()
-            what = f"ul z_clean + context latent ({model.cfg.context_frames} frames)" if model.cfg.video else "ul z_clean"
-            latents = self.latent_set(what, sha256_file(self.checkpoint_file("stage1")),
+            latents = self.latent_set(stage2_latent_name(model.cfg), sha256_file(self.checkpoint_file("stage1")),
                                       lambda x: model.stage2_latents(image_input(x.to(self.device))))
             train_stage2(model, self.batches(latents, tcfg), tcfg, out, self.workdir / "stage1", resume=resume,
                          device=self.device, progress=self.progress, data=data)
@@ -111,6 +115,14 @@ class ULRunner(RunnerBase):
         return self._model("stage2").generate(seeds, labels, steps=sampler["steps"],
                                               decoder_steps=sampler["decoder_steps"], guidance=guidance,
                                               method=sampler["method"])
+
+    def predict(self, context: torch.Tensor, seeds: list[int], labels: torch.Tensor | None, sampler: dict,
+                guidance: float) -> torch.Tensor:
+        """Frame prediction: clips (N, 3, T, R, R) in [-1, 1] whose first ``context_frames`` frames are given."""
+        labels = None if labels is None else labels.to(self.device)
+        return self._model("stage2").generate(seeds, labels, steps=sampler["steps"],
+                                              decoder_steps=sampler["decoder_steps"], guidance=guidance,
+                                              method=sampler["method"], context=context.to(self.device))
 
     def reconstruct(self, x: torch.Tensor, seeds: list[int], sampler: dict) -> torch.Tensor:
         return self._model("stage1").reconstruct(x.to(self.device), seeds, steps=sampler["decoder_steps"],

@@ -10,12 +10,26 @@ class MetricInfo:
     higher_is_better: bool | None  # None: two-sided, neither direction is "better" on its own (a rate)
     needs: str  # "samples" (generated images) or "reconstructions" (dataset images through the autoencoder)
     description: str
+    data: str = "both"  # "image", "video" or "both": the datasets it is defined on
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
-    MetricInfo("fid", False, "samples", "Frechet Inception Distance of generated samples vs the reference"),
-    MetricInfo("kid", False, "samples", "Kernel Inception Distance (unbiased at small N) of samples vs the reference"),
-    MetricInfo("rfid", False, "reconstructions", "FID of autoencoder reconstructions vs their originals"),
-    MetricInfo("psnr", True, "reconstructions", "PSNR (uint8, range 255) of reconstructions vs originals, in dB"),
+    MetricInfo("fid", False, "samples", "Frechet Inception Distance of generated samples vs the reference", "image"),
+    MetricInfo("kid", False, "samples", "Kernel Inception Distance (unbiased at small N) of samples vs the reference",
+               "image"),
+    MetricInfo("rfid", False, "reconstructions", "FID of autoencoder reconstructions vs their originals", "image"),
+    MetricInfo("psnr", True, "reconstructions", "PSNR (uint8, range 255) of reconstructions vs originals, in dB "
+               "(clips: per frame, then the mean)"),
     MetricInfo("bits_per_pixel", None, "reconstructions", "latent rate: the prior's L_z in bits per pixel"),
+    MetricInfo("fvd", False, "samples", "frame prediction: FVD (I3D) of the given + predicted frames as whole clips "
+               "vs the real clips", "video"),
+    MetricInfo("pred_psnr", True, "samples", "frame prediction: PSNR of the predicted frames vs the real ones, per "
+               "frame (uint8, range 255), then the mean", "video"),
+    MetricInfo("rfvd", False, "reconstructions", "FVD of autoencoder reconstructions vs their original clips", "video"),
+    MetricInfo("bits_per_frame", None, "reconstructions", "latent rate: the prior's L_z in bits per frame", "video"),
 )}
+
+
+def metrics_for(video: bool) -> list[str]:
+    """The metrics defined on image (or video) datasets, in registry order: a suite's default list."""
+    return [m.name for m in METRICS.values() if m.data in ("both", "video" if video else "image")]
