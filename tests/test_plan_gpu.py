@@ -7,7 +7,8 @@ import torch
 
 from ulbench.cli import main
 from ulbench.plan import format_plan, make_plan
-from ulbench.plan_gpu import DEFAULT_MFU, format_gpu_plan, gpu_options, inception_flops, load_gpus, method_hours
+from ulbench.plan_gpu import (DEFAULT_MFU, Extractor, format_gpu_plan, gpu_options, inception_flops, load_gpus,
+                              method_hours)
 from ulbench.suite import load_suite
 
 H100_BF16_DENSE = 989.4e12  # FLOP/s, NVIDIA H100 SXM datasheet (1,979 TFLOPS with sparsity)
@@ -31,7 +32,7 @@ def test_training_hours_are_the_measured_flops_over_peak_times_mfu(smoke):
     opts = gpu_options("h100", None, None)
     assert (opts.gpus, opts.mfu) == (1, DEFAULT_MFU)
     for plan in plans:
-        m = method_hours(suite, plan, inception=0.0)
+        m = method_hours(suite, plan, Extractor("Inception", 0.0))
         assert [p.point for p in m.points] == ["stage1", "b0", "b1"]
         # rung increments add up to the plan's training FLOPs at the last rung (stage 1 once, stage 2 continued)
         assert m.train_flops == pytest.approx(plan.train_flops(len(plan.rung_steps) - 1)["total"], rel=1e-12)
@@ -61,7 +62,7 @@ def test_guidance_doubles_the_sampling_network_only(smoke):
     suite, plans = smoke
     evaluations = {"ul": suite.evaluation.sampler["steps"] + 1, "dit": suite.evaluation.sampler["steps"]}
     for plan in plans:
-        m = method_hours(suite, plan, inception=0.0)
+        m = method_hours(suite, plan, Extractor("Inception", 0.0))
         extra = m.per_sample[2.0] - m.per_sample[1.0]
         assert extra == pytest.approx(evaluations[plan.kind] * 2 * plan.forward_macs_per_image["stage2"], rel=1e-9)
         assert m.points[1].eval_flops == suite.evaluation.num_samples * (m.per_sample[1.0] + m.per_sample[2.0])

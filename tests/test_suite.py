@@ -132,7 +132,7 @@ BAD = [
     ("guidance-negative", {"suite.yaml": doc(evaluation="evaluation: {guidance: [1.0, -1]}\n")},
      ["evaluation.guidance[1]: must be >= 0"]),
     ("published", {"suite.yaml": doc(report="report: {published: imagenet256}\n")},
-     ["report.published: unknown value 'imagenet256' (allowed: imagenet512)"]),
+     ["report.published: unknown value 'imagenet256' (allowed: imagenet512, kinetics600)"]),
 ]
 
 
@@ -326,10 +326,17 @@ def test_list_suites(tmp_path):
 
 
 def test_metric_registry():
-    assert list(METRICS) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel"]
-    assert [METRICS[m].higher_is_better for m in METRICS] == [False, False, False, True, None]
-    assert {m: METRICS[m].needs for m in METRICS} == {"fid": "samples", "kid": "samples", "rfid": "reconstructions",
-                                                      "psnr": "reconstructions", "bits_per_pixel": "reconstructions"}
+    from ulbench.metrics.registry import metrics_for
+
+    assert list(METRICS) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd",
+                             "bits_per_frame"]
+    assert [METRICS[m].higher_is_better for m in METRICS] == [False, False, False, True, None, False, True, False, None]
+    assert {m: METRICS[m].needs for m in METRICS} == {
+        "fid": "samples", "kid": "samples", "rfid": "reconstructions", "psnr": "reconstructions",
+        "bits_per_pixel": "reconstructions", "fvd": "samples", "pred_psnr": "samples", "rfvd": "reconstructions",
+        "bits_per_frame": "reconstructions"}
+    assert metrics_for(video=False) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel"]  # an image suite's default
+    assert metrics_for(video=True) == ["psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd", "bits_per_frame"]
 
 
 def test_repo_suites_validate():

@@ -24,6 +24,11 @@ def test_both_clip_suites_validate_and_dry_run():
     for name in ("video-smoke", "kinetics600"):
         r = run_cli("run", str(SUITES / f"{name}.yaml"), "--dry-run", "--no-timing")
         assert r.returncode == 0, r.stderr
+    r = run_cli("run", str(SUITES / "kinetics600.yaml"), "--dry-run", "--no-timing", "--gpu", "h100", "--gpus", "64")
+    assert r.returncode == 0, r.stderr
+    # evaluation: the context encoding, base model and decoder calls, and I3D (not Inception) per clip
+    assert "encoder (context) 1 x" in r.stdout and "I3D 1 x" in r.stdout and "Inception" not in r.stdout
+    assert "I3D on 150000 dataset clips (2 controls included)" in r.stdout
     k600 = load_suite(SUITES / "kinetics600.yaml")
     assert k600.dataset.frames == 16 and k600.dataset.resolution == 128
     assert k600.evaluation.dataset.path.endswith("k600-val-16x128") and k600.evaluation.dataset.frames == 16
@@ -193,3 +198,31 @@ def test_too_many_evaluation_clips_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="num_samples: 500 clips asked for"):
         start_run(str(SUITES / "video-smoke.yaml"), [*MICRO_SETS, "evaluation.num_samples=500"], tmp_path, "x",
                   progress=False)
+
+
+def test_kinetics_clips_in_a_suite_and_in_train(tmp_path):
+    """The official CSV + a clip folder: as a suite dataset (skipped videos counted) and as `train --data`."""
+    import shutil
+
+    from ulbench.data import load_suite_dataset
+    from ulbench.data.video import bundled_clips_dir
+
+    (tmp_path / "clips" / "abseiling").mkdir(parents=True)
+    shutil.copy(bundled_clips_dir() / "carphone_pristine.mp4", tmp_path / "clips" / "abseiling" / "a_000010_000020.mp4")
+    shutil.copy(bundled_clips_dir() / "bikes.mp4", tmp_path / "clips" / "b_000000_000010.mp4")
+    (tmp_path / "clips" / "d_000003_000013.mp4").write_bytes(b"")
+    (tmp_path / "validate.csv").write_text("label,youtube_id,time_start,time_end,split\nabseiling,a,10,20,validate\n"
+                                           "zumba,b,0,10,val\nzumba,c,5,15,val\nzumba,d,3,13,val\n")
+    suite = load_suite(SUITES / "video-smoke.yaml", ["dataset.name=kinetics", f"dataset.path={tmp_path / 'clips'}",
+                                                     f"dataset.annotations={tmp_path / 'validate.csv'}",
+                                                     "dataset.split=validate", "dataset.clips_per_video=2"])
+    assert suite.dataset.split == "val"
+    ds = load_suite_dataset(suite)
+    assert len(ds) == 4 and ds.skipped == {"missing": ["c_000005_000015.mp4"], "empty": ["d_000003_000013.mp4"],
+                                           "unreadable": [], "too_short": []}
+    r = run_cli("train", "stage1", "--preset", "video-ul-tiny", "--data", str(tmp_path / "clips"), "--kinetics-csv",
+                str(tmp_path / "validate.csv"), "--split", "val", "--out", str(tmp_path / "s1"), "--steps", "1",
+                "--batch-size", "2", "--warmup", "1", "--log-every", "1", "--checkpoint-every", "1")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "s1" / "config.json").read_text())
+    assert meta["data"]["n"] == 7 + 15 and meta["data"]["name"] == "kinetics:validate"  # every window: 120, 250 frames

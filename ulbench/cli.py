@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = sub.add_parser("train", help="train UL: stage1, stage2").add_subparsers(dest="stage", required=True)
     p = _sub(tsub, "stage1", "Stage 1: encoder, prior and decoder trained jointly")
     p.add_argument("--preset", required=True)
-    p.add_argument("--data", required=True, help="fashion-mnist, photos, or an image folder (ImageFolder layout)")
+    p.add_argument("--data", required=True, help="fashion-mnist, photos, or an image folder (ImageFolder layout); "
+                   "video presets: clips, a folder from `ulbench data prepare-clips`, an .npz of clips, a folder "
+                   "of videos, or Kinetics clips with --kinetics-csv")
     p.add_argument("--out", required=True)
     tc.add_train_args(p)
     p.set_defaults(func=tc.cmd_train_stage1)

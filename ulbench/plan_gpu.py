@@ -2,7 +2,8 @@
 
 GPU-hours = FLOPs / (peak FLOP/s x MFU) / 3600, FLOPs counted by FlopCounterMode (2 x multiply-adds): training from
 the plan's measured step, evaluation from the network calls one sample and one reconstruction make
-(``MethodKind.evaluation_calls``) and the FID Inception network, each counted once on the meta device. Peaks are the
+(``MethodKind.evaluation_calls``) and the feature network (Inception for FID, I3D for FVD of clip suites), each
+counted once on the meta device. Peaks are the
 dense bf16 tensor-core figures of NVIDIA's datasheets (``published/gpus.yaml``); the MFU is the user's to give.
 """
 from __future__ import annotations
@@ -21,8 +22,16 @@ from ulbench.plan import FLOP_COUNT_BATCH, MethodPlan
 # An assumption, not a measurement: override it with what your own runs achieve, MFU = the plan's training FLOPs per
 # step x steps per second (a short run's logs) / (GPUs x peak). Sampling at small batches often achieves less.
 DEFAULT_MFU = 0.4
-SAMPLE_METRICS = {"fid", "kid"}
-RECONSTRUCTION_METRICS = {"rfid", "psnr", "bits_per_pixel"}
+DISTANCES = {"rfid", "rfvd"}  # reconstruction metrics that embed the reconstructions with the feature network
+
+
+def _needing(what: str) -> set[str]:
+    from ulbench.metrics.registry import METRICS
+
+    return {m for m, info in METRICS.items() if info.needs == what}
+
+
+SAMPLE_METRICS, RECONSTRUCTION_METRICS = _needing("samples"), _needing("reconstructions")
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,30 @@ def call_flops(run) -> float:
     return measure_forward(run) / FLOP_COUNT_BATCH
 
 
+@dataclass(frozen=True)
+class Extractor:
+    """The feature network of a suite's distances and its FLOPs per image (or clip)."""
+
+    name: str
+    flops: float
+
+
+def feature_extractor(suite) -> Extractor:
+    if not suite.dataset.video:
+        return Extractor("Inception", inception_flops(suite.dataset.resolution))
+    return Extractor("I3D", i3d_flops(suite.dataset.frames))
+
+
+def i3d_flops(frames: int) -> float:
+    """FLOPs per clip of the FVD I3D (clips are resized to 224x224 first; the count follows the frame count)."""
+    from ulbench.metrics.i3d import I3D
+
+    with torch.device("meta"):
+        net = I3D()
+        x = torch.zeros(FLOP_COUNT_BATCH, 3, frames, 224, 224)
+    return call_flops(lambda: net(x))
+
+
 def inception_flops(resolution: int) -> float:
     """FLOPs per image of the FID feature extractor, the network ``ulbench.metrics.inception`` loads weights into
     (its input is resized to 299 first, so the count does not depend on the resolution)."""
@@ -125,11 +158,11 @@ def _gflops(flops: float) -> str:
     return f"{flops / 1e9:,.0f}" if flops >= 1e12 else f"{flops / 1e9:.4g}"
 
 
-def method_hours(suite, plan: MethodPlan, inception: float) -> MethodHours:
+def method_hours(suite, plan: MethodPlan, extractor: Extractor) -> MethodHours:
     """Training FLOPs of each point's increment and evaluation FLOPs of each point. A rung, per guidance scale:
     num_samples x (sum over sampling calls of calls per image x FLOPs, doubled for the guided network when
-    guidance != 1 [CFG: a conditional and an unconditional pass] + Inception). Stage 1: num_reconstructions x
-    (encoder + decoder steps + the rate's forward + Inception for rFID)."""
+    guidance != 1 [CFG: a conditional and an unconditional pass] + the feature network). Stage 1:
+    num_reconstructions x (encoder + decoder steps + the rate's forward + the feature network for rFID / rFVD)."""
     ev, wanted, kind = suite.evaluation, set(suite.evaluation.metrics), get_kind(plan.kind)
     calls = kind.evaluation_calls(plan.config, ev.sampler, FLOP_COUNT_BATCH, "meta")
     counted: dict[str, float] = {}
@@ -143,7 +176,7 @@ def method_hours(suite, plan: MethodPlan, inception: float) -> MethodHours:
     if plan.stage1_steps:
         if kind.reconstructs and wanted & RECONSTRUCTION_METRICS:
             terms = [(c.name, (c.per_image,), flops(c)) for c in calls["reconstruct"]]
-            terms += [("Inception", (1,), inception)] if "rfid" in wanted else []
+            terms += [(extractor.name, (1,), extractor.flops)] if wanted & DISTANCES else []
             per_reconstruction, line = _per_image("per reconstruction", terms)
             lines.append(line)
         points.append(Point("stage1", f"0 -> {plan.stage1_steps}", plan.train_flops(None)["stage1"],
@@ -152,7 +185,8 @@ def method_hours(suite, plan: MethodPlan, inception: float) -> MethodHours:
         for g in ev.guidance:
             terms = [(c.name, (2, c.per_image) if c.guided and g != 1 else (c.per_image,), flops(c))
                      for c in calls["sample"]]
-            per_sample[g], line = _per_image(f"per sample at guidance {g:g}", terms + [("Inception", (1,), inception)])
+            per_sample[g], line = _per_image(f"per sample at guidance {g:g}",
+                                             terms + [(extractor.name, (1,), extractor.flops)])
             lines.append(line)
     rung_eval = ev.num_samples * sum(per_sample.values())
     step_flops, previous = plan.flops_per_step(plan.final_stage), 0
@@ -162,22 +196,26 @@ def method_hours(suite, plan: MethodPlan, inception: float) -> MethodHours:
     return MethodHours(plan.name, points, per_sample, per_reconstruction, lines)
 
 
-def shared_eval_flops(suite, plans: list[MethodPlan], inception: float) -> tuple[float, str]:
-    """Inception features computed once per suite (their statistics are cached by fingerprint): a reference drawn
-    from the dataset and the originals rFID compares reconstructions with, each the first n dataset images."""
+def shared_eval_flops(suite, plans: list[MethodPlan], extractor: Extractor) -> tuple[float, str]:
+    """Features computed once per suite (their statistics are cached by fingerprint): a reference drawn from the
+    dataset and the originals rFID / rFVD compares reconstructions with, each the first n dataset items; clip suites
+    also embed the two frame-prediction controls (num_samples clips each)."""
     ev, wanted = suite.evaluation, set(suite.evaluation.metrics)
-    counts, notes = set(), []
+    counts, notes, controls = set(), [], 0
     if wanted & SAMPLE_METRICS:
         if ev.reference == "dataset":
             counts.add(ev.reference_size or ev.num_samples)
         else:
             notes.append(f"reference {ev.reference}: " + ("statistics, no features to extract"
                                                           if ev.reference.endswith(".npz") else "not counted"))
-    if "rfid" in wanted and any(p.stage1_steps and get_kind(p.kind).reconstructs for p in plans):
+        controls = 2 * ev.num_samples if suite.dataset.video and "fvd" in wanted else 0
+    if wanted & DISTANCES and any(p.stage1_steps and get_kind(p.kind).reconstructs for p in plans):
         counts.add(ev.num_reconstructions)
-    images = sum(counts)
-    notes.insert(0, f"Inception on {images} dataset images x {_gflops(inception)} GFLOPs")
-    return images * inception, "; ".join(notes)
+    items = sum(counts) + controls
+    what = "clips" if suite.dataset.video else "images"
+    notes.insert(0, f"{extractor.name} on {items} dataset {what}{' (2 controls included)' if controls else ''} x "
+                    f"{_gflops(extractor.flops)} GFLOPs")
+    return items * extractor.flops, "; ".join(notes)
 
 
 def _h(hours: float) -> str:
@@ -185,9 +223,9 @@ def _h(hours: float) -> str:
 
 
 def format_gpu_plan(suite, plans: list[MethodPlan], opts: GPUOptions) -> str:
-    inception = inception_flops(suite.dataset.resolution)
-    methods = [method_hours(suite, p, inception) for p in plans]
-    shared, shared_note = shared_eval_flops(suite, plans, inception)
+    extractor = feature_extractor(suite)
+    methods = [method_hours(suite, p, extractor) for p in plans]
+    shared, shared_note = shared_eval_flops(suite, plans, extractor)
     g, ev, h = opts.gpu, suite.evaluation, opts.gpu_hours
     assumed = (" (the default, an assumption: measure yours, FLOPs per step x steps/s / (GPUs x peak), and give "
                "--mfu)") if opts.mfu == DEFAULT_MFU else ""
@@ -196,7 +234,7 @@ def format_gpu_plan(suite, plans: list[MethodPlan], opts: GPUOptions) -> str:
              f"  GPU-hours = FLOPs / (peak x MFU) / 3600, MFU {opts.mfu:g}{assumed}",
              f"  wall-clock hours = GPU-hours / {opts.gpus} GPUs (perfect scaling assumed)",
              f"  evaluation of every rung: {ev.num_samples} samples at each guidance scale {list(ev.guidance)} and "
-             f"their Inception features; of stage 1, once: {ev.num_reconstructions} reconstructions"]
+             f"their {extractor.name} features; of stage 1, once: {ev.num_reconstructions} reconstructions"]
     row = "  {:<7} {:>21} {:>13} {:>17} {:>12} {:>10}"
     for m in methods:
         lines += [f"method {m.name}: evaluation FLOPs per image = network calls x GFLOPs per call"]

@@ -46,7 +46,9 @@ def _train_data(spec: str, resolution: int, args, frames: int = 0) -> TrainData:
     if not spec:
         raise UserError("no dataset: pass --data (photos, fashion-mnist, a prepared dataset or an image folder; "
                         "video presets: clips, prepared clips, an .npz of clips or a folder of videos)")
-    ds = load_dataset(spec, resolution, frames)
+    if args.kinetics_csv and not frames:
+        raise UserError("--kinetics-csv reads video clips: use a video preset (video-ul-tiny, video-ul-small, ...)")
+    ds = load_dataset(spec, resolution, frames, kinetics=(args.kinetics_csv, args.split) if args.kinetics_csv else None)
     source = spec if spec in ("photos", "fashion-mnist", "clips") else str(Path(spec).expanduser().resolve())
     return TrainData(ds, xflip=args.xflip, workers=args.workers, source=source)
 
@@ -198,5 +200,8 @@ def add_train_args(p) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--xflip", action="store_true", help="train on mirrored copies too (EDM2's xflip)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: main process)")
+    p.add_argument("--kinetics-csv", default=None, metavar="CSV",
+                   help="video presets: the official Kinetics annotation CSV; --data is then the folder of its clips")
+    p.add_argument("--split", default="train", help="with --kinetics-csv: train, val (validate) or test")
 
 

@@ -39,9 +39,10 @@ def open_path(path: str | Path, resolution: int, where: str) -> ImageDataset:
     raise UserError(f"{where}: {p} is neither a prepared dataset (folder or .zip) nor an image folder")
 
 
-def load_clip_dataset(spec: str, resolution: int, frames: int):
+def load_clip_dataset(spec: str, resolution: int, frames: int, kinetics: tuple[str, str] | None = None):
     """``--data`` of a video preset: ``clips`` (the bundled clips, windows every 4 frames), a folder written by
-    `ulbench data prepare-clips`, an ``.npz`` of uint8 clips, or a folder of videos (every window)."""
+    `ulbench data prepare-clips`, an ``.npz`` of uint8 clips, a folder of videos (every window), or with
+    ``kinetics`` = (annotation CSV, split) the folder of those Kinetics clips."""
     from ulbench.data.prepared_video import is_prepared_clips
     from ulbench.suite_schema import DatasetSpec
 
@@ -49,18 +50,19 @@ def load_clip_dataset(spec: str, resolution: int, frames: int):
         raise UserError("--data: empty; give clips, a folder from `ulbench data prepare-clips`, an .npz of clips or "
                         "a folder of videos")
     p = Path(spec).expanduser()
-    name = "clips" if spec == "clips" else "prepared-clips" if is_prepared_clips(p) else \
-        "clip-array" if p.suffix == ".npz" else "videos"
-    ds_spec = DatasetSpec(name, None if name == "clips" else str(p), resolution, "train", None, False, False, 0,
-                          frames=frames, clips_per_video=None, hop=4 if name == "clips" else None)
+    name = "kinetics" if kinetics else "clips" if spec == "clips" else \
+        "prepared-clips" if is_prepared_clips(p) else "clip-array" if p.suffix == ".npz" else "videos"
+    csv, split = kinetics or (None, "train")
+    ds_spec = DatasetSpec(name, None if name == "clips" else str(p), resolution, split, None, False, False, 0,
+                          frames=frames, clips_per_video=None, hop=4 if name == "clips" else None, annotations=csv)
     return open_clips(ds_spec, f"--data {spec}")
 
 
-def load_dataset(spec: str, resolution: int, frames: int = 0) -> ImageDataset:
+def load_dataset(spec: str, resolution: int, frames: int = 0, kinetics: tuple[str, str] | None = None) -> ImageDataset:
     """``--data`` of `ulbench train`/`reconstruct`: photos, fashion-mnist, or a path (see ``open_path``); clips
     when ``frames`` (see ``load_clip_dataset``)."""
     if frames:
-        return load_clip_dataset(spec, resolution, frames)
+        return load_clip_dataset(spec, resolution, frames, kinetics)
     if spec == "fashion-mnist":
         ds = fashion_mnist()
     elif spec == "photos":

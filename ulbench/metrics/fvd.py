@@ -50,7 +50,9 @@ def _feature_batches(model: torch.nn.Module, clips: Clips, batch_size: int, prog
     bar = tqdm(total=len(seq), desc="I3D features", unit="clip", disable=not progress or not dist.is_main())
     with torch.inference_mode():
         for lo in starts:
-            batch = [preprocess_clips(torch.as_tensor(np.array(c))[None]) for c in seq[lo:lo + batch_size]]  # memmaps: a copy
+            # a read-only memmap clip is copied (torch takes no non-writable arrays)
+            batch = [preprocess_clips(torch.as_tensor(np.array(c) if isinstance(c, np.ndarray) else c)[None])
+                     for c in seq[lo:lo + batch_size]]
             x = torch.cat(batch).to(device)  # (B, 3, T, 224, 224) in [-1, 1]
             logits = model(x)  # (B, 400)
             bar.update(x.shape[0])
