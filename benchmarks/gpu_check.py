@@ -5,6 +5,8 @@ Prepared to run as one command on a lent GPU (bf16 autocast, optional torch.comp
     torchrun --nproc-per-node 1 benchmarks/gpu_check.py --preset ul-small --batch-size 8 --steps 10 --compile
     torchrun --nproc-per-node 1 benchmarks/gpu_check.py --preset dit-xl-2 --resolution 512 --stages stage2
     torchrun --nproc-per-node 1 benchmarks/gpu_check.py --preset edm2-s --resolution 512 --stages stage2
+    torchrun --nproc-per-node 1 benchmarks/gpu_check.py --preset video-ul-small --batch-size 4 --steps 10 --compile
+(video presets: "images" are 16x128x128 clips, so images_per_s reads clips/s)
 On CPU it runs the same code on the smallest real case (used by the tests):
     python benchmarks/gpu_check.py --preset ul-tiny --device cpu --steps 3 --batch-size 4
 MFU = measured training FLOPs per step (ulbench.flops.measure_step: FlopCounterMode on a real forward+backward,

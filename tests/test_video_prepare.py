@@ -103,7 +103,7 @@ def test_cli_prepares_the_same_clips_and_refuses_a_bad_source(prepared, tmp_path
     assert PreparedClips(tmp_path / "tiny").fingerprint() == tiny["fingerprint"]
     # A second prepare of the same clips into another folder: same fingerprint, same bytes.
     assert cli_main(["data", "prepare-clips", "clips", "--out", str(tmp_path / "again"), *CLI_ARGS]) == 0
-    assert f"wrote 40 clips (T8:R16:stride1, 4 classes) in 6 shards" in capsys.readouterr().out
+    assert "wrote 40 clips (T8:R16:stride1, 4 classes) in 6 shards" in capsys.readouterr().out
     assert _files(tmp_path / "again") == _files(out)
     assert PreparedClips(tmp_path / "again").fingerprint() == summary["fingerprint"]
     assert cli_main(["data", "prepare-clips", str(tmp_path / "no-such-videos"), "--out", str(tmp_path / "bad")]) == 2

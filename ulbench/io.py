@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from ul_model.io import atomic_write
 
@@ -69,3 +70,18 @@ def open_npz_array(path: str | os.PathLike, member: str = NPZ_MEMBER):
     if fortran or dtype.hasobject:
         raise ValueError(f"{path}: {member} is not a plain C-ordered array")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def read_journal(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines journal appended to as work finishes. A torn last line (a process killed while
+    writing it) is cut off the file, so later appends start on a clean line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    return [json.loads(line) for line in complete.decode().splitlines() if line]
+

@@ -29,7 +29,7 @@ from ulbench.data.base import ImageDataset
 from ulbench.data.sources import IMAGE_EXTENSIONS, Source
 from ulbench.data.transforms import DEFAULT_TRANSFORM, TRANSFORMS, UnreadableImage, apply_transform, decode_rgb
 from ulbench.errors import UserError
-from ulbench.io import atomic_write
+from ulbench.io import atomic_write, read_journal
 
 FORMAT = "ulbench-prepared/1"
 MANIFEST_FILE = "manifest.json"
@@ -119,16 +119,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def _read_journal(staging: Path) -> dict[int, dict]:
     """Finished items by index; a partial last line (killed mid-write) is cut off so appends start clean."""
-    path = staging / JOURNAL_FILE
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    records = (json.loads(line) for line in complete.decode().splitlines() if line)
-    return {r["index"]: r for r in records}
+    return {r["index"]: r for r in read_journal(staging / JOURNAL_FILE)}
 
 
 def _staged_arguments(staging: Path) -> dict | None:

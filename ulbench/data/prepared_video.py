@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ulbench.data.video import (SKIP_REASONS, ClipSampling, VideoDataset, bundled_clips, read_kinetics,
                                 read_video_folder)
 from ulbench.errors import UserError
-from ulbench.io import atomic_write, write_json
+from ulbench.io import atomic_write, read_journal, write_json
 
 FORMAT = "ulbench-prepared-clips/1"
 MANIFEST_FILE, LABELS_FILE = "manifest.json", "labels.npy"
@@ -73,16 +73,7 @@ def video_source(src: str, sampling: ClipSampling, clips_per_video: int | None =
 
 def _read_journal(out: Path) -> dict[int, str]:
     """Finished shards (index -> pixels sha256); a torn last line (killed mid-write) is cut off."""
-    path = out / JOURNAL_FILE
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    records = [json.loads(line) for line in complete.decode().splitlines() if line]
-    return {r["shard"]: r["pixels_sha256"] for r in records}
+    return {r["shard"]: r["pixels_sha256"] for r in read_journal(out / JOURNAL_FILE)}
 
 
 def _shard_done(path: Path, shape: tuple[int, ...], recorded: str | None) -> bool:
