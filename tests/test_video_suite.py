@@ -136,6 +136,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.xdist_group("video-run")  # one worker builds the module's run once
 def test_video_sweep_rows_controls_and_given_frames(video_run):
     from ulbench.io import open_npz_array
 
@@ -165,6 +166,7 @@ def test_video_sweep_rows_controls_and_given_frames(video_run):
     assert np.array_equal(control[:, 5:], np.repeat(real[:, 4:5], 11, axis=1))
 
 
+@pytest.mark.xdist_group("video-run")
 def test_video_sweep_resumes_reports_and_checks(video_run, tmp_path):
     from ulbench.check import write_baseline
     from ulbench.report import write_report

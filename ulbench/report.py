@@ -198,6 +198,9 @@ def plot_compute(df: pd.DataFrame, base: str, counts: str, published: pd.DataFra
     drawn += _draw_controls(ax, df, base)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
+    budgets = sorted(d["x_train_flops"].unique())
+    if 0 < len(budgets) <= 8:  # a short ladder may cross no decade: label the rungs themselves
+        ax.set_xticks(budgets, [f"{x:.2g}" for x in budgets])
     if base in LOG_Y and (d["value"] > 0).all():  # KID is unbiased and can be <= 0 at small N: linear then
         ax.set_yscale("log")
     ax.set_xlabel(X_LABELS[counts])

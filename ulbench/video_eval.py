@@ -172,7 +172,7 @@ class ClipEvaluation:
         size, real = len(self.data), self.real(n)[0]
         other = [(j + size // 2) % size for j in evaluation_indices(n, size)]
         makers = {"last-frame": lambda lo, hi: to_uint8(context_clip(to_float(torch.from_numpy(
-                      np.asarray(real[lo:hi])).permute(0, 4, 1, 2, 3)), self.k)),
+                      np.array(real[lo:hi])).permute(0, 4, 1, 2, 3)), self.k)),  # a copy: the memmap is read-only
                   "other-clips": lambda lo, hi: to_uint8(self.clips(other[lo:hi])[0])}
         rows = []
         for name in CONTROLS:
