@@ -29,6 +29,7 @@ from ulbench.published import load_published
 REQUIRED = ("method", "point", "metric", "metric_base", "value", "train_flops")
 Y_LABELS = {"fid": "FID", "kid": "KID", "fvd": "FVD", "pred_psnr": "PSNR of the predicted frames (dB)"}
 LOG_Y = ("fid", "kid", "fvd")
+DISTANCE_LABELS = {"rfid": "rFID", "rfvd": "rFVD"}
 CONTROL_NOTES = {"last-frame": "the last given frame repeated: what a model must beat",
                  "other-clips": "real clips of other videos: the floor at this N"}
 STRIP_NOTE = ("Sample strips: each pair of rows is a real clip, then the model's clip of it; frames framed green were "
@@ -252,8 +253,7 @@ def plot_rate_vs_quality(df: pd.DataFrame, published: pd.DataFrame | None, suite
         pub = published[published["metric_base"].isin(["bits_per_pixel", "rfid", "psnr"])]
         pub = pub.pivot_table(index="label", columns="metric_base", values="value", sort=False)
     distance = "rfvd" if "rfvd" in s.columns else "rfid"  # clip suites: rFVD
-    for ax, y, name in zip(fig.subplots(1, 2), (distance, "psnr"), (distance.replace("rf", "rF").replace("d", "D"),
-                                                                    "PSNR (dB)")):
+    for ax, y, name in zip(fig.subplots(1, 2), (distance, "psnr"), (DISTANCE_LABELS[distance], "PSNR (dB)")):
         if {"bits_per_pixel", y} <= set(s.columns):
             m = s[["bits_per_pixel", y]].dropna()
             ax.scatter(m["bits_per_pixel"], m[y], marker="o", label="measured (this run)")
