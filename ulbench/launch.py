@@ -178,9 +178,9 @@ def run_status(run_dir: str | Path) -> tuple[list[dict], dict[str, dict]]:
     config = json.loads((run_dir / "config.json").read_text())
     store = ResultsStore(run_dir / "results.jsonl")
     states = method_states(run_dir)
-    from ulbench.metrics.registry import METRICS
+    from ulbench.metrics.registry import needs_of
 
-    needs = {METRICS[m].needs for m in config["resolved"]["evaluation"]["metrics"]}
+    needs = needs_of(config["resolved"]["evaluation"]["metrics"])
     rows = []
     for method, m in config["methods"].items():
         points = (["stage1"] if m["stage1_steps"] and "reconstructions" in needs else [])

@@ -17,21 +17,14 @@ import yaml
 
 from ulbench.errors import UserError
 from ulbench.methods import get_kind
+from ulbench.metrics.registry import needing
 from ulbench.plan import FLOP_COUNT_BATCH, MethodPlan
 
 # An assumption, not a measurement: override it with what your own runs achieve, MFU = the plan's training FLOPs per
 # step x steps per second (a short run's logs) / (GPUs x peak). Sampling at small batches often achieves less.
 DEFAULT_MFU = 0.4
 DISTANCES = {"rfid", "rfvd"}  # reconstruction metrics that embed the reconstructions with the feature network
-
-
-def _needing(what: str) -> set[str]:
-    from ulbench.metrics.registry import METRICS
-
-    return {m for m, info in METRICS.items() if info.needs == what}
-
-
-SAMPLE_METRICS, RECONSTRUCTION_METRICS = _needing("samples"), _needing("reconstructions")
+SAMPLE_METRICS, RECONSTRUCTION_METRICS = needing("samples"), needing("reconstructions")
 
 
 @dataclass(frozen=True)

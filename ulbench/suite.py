@@ -96,14 +96,13 @@ class Suite:
                        "evaluation": self._evaluation_dict(), "seeds": asdict(self.seeds), "device": self.device,
                        "precision": self.precision, "report": asdict(self.report)})
 
-
     def _evaluation_dict(self) -> dict:
         d = asdict(self.evaluation)
         if self.evaluation.dataset is None:
             d.pop("dataset")  # image suites, and clip suites evaluating on their training set
         else:
-            ds = self.evaluation.dataset.to_dict()
-            d["dataset"] = {k: v for k, v in ds.items() if self.dataset.to_dict()[k] != v}  # as written: the changes
+            train = self.dataset.to_dict()
+            d["dataset"] = {k: v for k, v in self.evaluation.dataset.to_dict().items() if train[k] != v}  # changes
         return d
 
 

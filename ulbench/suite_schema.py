@@ -163,9 +163,8 @@ PATH_WANTS = {  # what dataset.path holds, per dataset name
     "clip-array": "an .npz of uint8 clips (arr_0: N x T x H x W x C)",
     "prepared-clips": "a folder written by `ulbench data prepare-clips`",
 }
-# Keys of video datasets only; images leave them at these values.
+# Keys of video datasets only (image datasets keep DatasetSpec's defaults for them, frames 0).
 VIDEO_DEFAULTS = {"frames": 16, "stride": 1, "fps": None, "clips_per_video": None, "hop": None, "annotations": None}
-IMAGE_VIDEO_KEYS = {"frames": 0, "stride": 1, "fps": None, "clips_per_video": None, "hop": None, "annotations": None}
 EVAL_DATASET_KEYS = ("path", "annotations", "split", "subset", "clips_per_video", "hop")
 METHOD_NAME = r"[a-z0-9][a-z0-9_-]*"
 MAX_RUNGS = 1000  # a {start, factor, count} ladder longer than this is a typo, not a sweep
@@ -205,7 +204,7 @@ class DatasetSpec:
     def to_dict(self) -> dict:
         """Plain fields; an image dataset leaves out the clip keys (they keep their image values)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: v for k, v in d.items() if self.video or k not in IMAGE_VIDEO_KEYS}
+        return {k: v for k, v in d.items() if self.video or k not in VIDEO_DEFAULTS}
 
 
 @dataclass(frozen=True)
@@ -292,10 +291,12 @@ def read_dataset(ck: Checker, raw: Any, p: Key = ("dataset",)) -> DatasetSpec:
         ck.fail((*p, "annotations"), "name: kinetics needs the official annotation CSV here (e.g. validate.csv)"
                 if name == "kinetics" else f"only for name: kinetics, not {name}")
     splits = ("train", "val", "test") if name == "kinetics" else ("train", "test")
-    split = d["split"] if not isinstance(d["split"], str) or name != "kinetics" else \
-        {"validate": "val", "validation": "val"}.get(d["split"], d["split"])
+    if name == "kinetics" and isinstance(d["split"], str):  # the annotation CSVs' spellings (validate, validation)
+        from ulbench.data.video import SPLIT_SPELLINGS
+
+        d["split"] = SPLIT_SPELLINGS.get(d["split"], d["split"])
     spec = DatasetSpec(name, None if d["path"] is None else ck.string(d["path"], (*p, "path")), resolution,
-                       ck.choice(split, (*p, "split"), splits),
+                       ck.choice(d["split"], (*p, "split"), splits),
                        None if d["subset"] is None else ck.integer(d["subset"], (*p, "subset"), 1),
                        ck.boolean(d["class_conditional"], (*p, "class_conditional")),
                        ck.boolean(d["xflip"], (*p, "xflip")), ck.integer(d["workers"], (*p, "workers"), 0))
@@ -318,10 +319,8 @@ def read_eval_dataset(ck: Checker, raw: Any, dataset: DatasetSpec) -> DatasetSpe
         return None
     if not dataset.video:
         ck.fail(p, "only for clip datasets: image suites evaluate against evaluation.reference")
-    ck.mapping(raw, p, EVAL_DATASET_KEYS)
-    merged = {**dataset.to_dict(), **raw}
-    merged.pop("frames")  # a clip's frames are the model's: the evaluation clips have the same
-    return replace(read_dataset(ck, merged, p), frames=dataset.frames)
+    ck.mapping(raw, p, EVAL_DATASET_KEYS)  # not frames or resolution: the evaluation clips are the model's shape
+    return read_dataset(ck, {**dataset.to_dict(), **raw}, p)
 
 
 def read_methods(ck: Checker, raw: Any, resolution: int, frames: int = 0) -> tuple[MethodSpec, ...]:

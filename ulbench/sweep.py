@@ -26,6 +26,7 @@ from ulbench.io import atomic_write, write_json
 from ulbench.methods import get_kind
 from ulbench.methods.base import TrainData
 from ulbench.metrics.images import quantize_images
+from ulbench.metrics.registry import needs_of
 from ulbench.plan import MethodPlan, make_plan, resolve_device
 from ulbench.suite import METRICS, load_suite
 
@@ -328,15 +329,14 @@ class Sweep:
         if plan.stage1_steps:
             log.info("%s: stage1 to step %d", plan.name, plan.stage1_steps)
             runner.train("stage1", plan.stage1_steps, resume=True)
-            wants_recon = kind.reconstructs and any(METRICS[m].needs == "reconstructions"
-                                                    for m in self.suite.evaluation.metrics)
+            wants_recon = kind.reconstructs and "reconstructions" in needs_of(self.suite.evaluation.metrics)
             if wants_recon and not self.done(plan.name, "stage1"):
                 self.add(self.clip_eval.reconstructions(plan, runner) if self.clip_eval
                          else self.evaluate_reconstructions(plan, runner))
                 log.info("%s: stage1 evaluated", plan.name)
             elif wants_recon:
                 log.info("%s: stage1 point already stored, skipped", plan.name)
-        wants_samples = any(METRICS[m].needs == "samples" for m in self.suite.evaluation.metrics)
+        wants_samples = "samples" in needs_of(self.suite.evaluation.metrics)
         for rung, steps in enumerate(plan.rung_steps if wants_samples else []):
             if self.done(plan.name, f"b{rung}"):
                 log.info("%s: b%d already stored, skipped", plan.name, rung)
@@ -352,7 +352,7 @@ class Sweep:
         from ulbench.video_eval import CONTROLS, ClipEvaluation
 
         self.clip_eval = ClipEvaluation(self, plans)
-        wanted = {"fvd", "pred_psnr"} & set(self.suite.evaluation.metrics)
+        wanted = "samples" in needs_of(self.suite.evaluation.metrics)  # fvd, pred_psnr: what the controls score
         if wanted and not all(self.done(c, "control") for c in CONTROLS):
             self.add(self.clip_eval.controls())
             log.info("controls (%s) evaluated", ", ".join(CONTROLS))

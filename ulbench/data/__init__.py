@@ -86,12 +86,10 @@ def open_clips(spec, where: str):
     path = None if spec.path is None else Path(spec.path).expanduser()
     if path is not None and not path.exists():
         raise UserError(f"{where}.path: {path} does not exist")
-    if spec.name == "clips":
-        return video.in_memory(video.VideoDataset(video.bundled_clips(), sampling, spec.clips_per_video, spec.hop))
-    if spec.name in ("videos", "kinetics"):
-        listing = video.read_video_folder(path) if spec.name == "videos" else \
-            video.read_kinetics(Path(spec.annotations).expanduser(), path, spec.split)
-        return video.VideoDataset(listing, sampling, spec.clips_per_video, spec.hop)
+    if spec.name in ("clips", "videos", "kinetics"):
+        listed = video.listing(path or "clips", spec.annotations, spec.split)
+        ds = video.VideoDataset(listed, sampling, spec.clips_per_video, spec.hop)
+        return video.in_memory(ds) if spec.name == "clips" else ds
     ds = video.ClipArrayDataset(path, spec.resolution) if spec.name == "clip-array" else PreparedClips(path)
     if ds.frames != spec.frames or (spec.name == "prepared-clips" and ds.resolution != spec.resolution):
         raise UserError(f"{where}.path: {path} holds clips of {ds.frames} frames at {ds.resolution}px, the suite asks "

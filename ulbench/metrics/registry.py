@@ -30,6 +30,16 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
 )}
 
 
+def needs_of(metrics) -> set[str]:
+    """What a suite's metrics need made: a subset of {"samples", "reconstructions"}."""
+    return {METRICS[m].needs for m in metrics}
+
+
+def needing(what: str) -> set[str]:
+    """The metrics that need ``what`` ("samples" or "reconstructions")."""
+    return {m for m, info in METRICS.items() if info.needs == what}
+
+
 def metrics_for(video: bool) -> list[str]:
     """The metrics defined on image (or video) datasets, in registry order: a suite's default list."""
     return [m.name for m in METRICS.values() if m.data in ("both", "video" if video else "image")]
