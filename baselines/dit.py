@@ -82,6 +82,14 @@ def build(cfg: DiTConfig) -> DiT:
     return DiT(cfg)
 
 
+def train_recipe(cfg: DiTConfig) -> dict:
+    """DiT's published optimization (section 4, train.py) as ul_model.train.TrainConfig fields: AdamW at a
+    constant lr (no warm-up), torch's default betas (0.9, 0.999), no weight decay, no gradient clipping, EMA."""
+    return {"batch_size": cfg.batch_size, "lr": cfg.learning_rate, "betas": (0.9, 0.999),
+            "weight_decay": cfg.weight_decay, "warmup_steps": 0, "grad_clip": 0.0, "ema_decay": cfg.ema_decay,
+            "ema_stds": ()}
+
+
 # ---------------------------------------------------------------------------------------------------- network
 
 

@@ -8,12 +8,10 @@ NVlabs/edm2.
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -60,7 +58,10 @@ class EDM2Config:
     adam_betas: tuple[float, float] = (0.9, 0.99)
     batch_size: int = 2048
     train_Mimg: float = 2147.483648  # 2048 << 20 images
-    ema_stds: tuple[float, ...] = (0.050, 0.100)  # power-function EMA profiles tracked during training
+    # power-function EMA profiles tracked during training [paper]; the first is sampled from [choice: the tracked
+    # profile nearest the published FID-optimal sigma_rel of every size, 0.085-0.135, as post-hoc EMA is not done]
+    ema_stds: tuple[float, ...] = (0.100, 0.050)
+    sample_steps: int = 32  # Heun steps, 63 network evaluations [paper]
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -226,7 +227,7 @@ def build(cfg: EDM2Config) -> Precond:
 
 @dataclass
 class EDM2Terms:
-    loss: torch.Tensor  # (B,) weight / exp(u) * mean((D - y)^2) + u, eq. 21
+    loss: torch.Tensor  # (B,) sum over elements of weight / exp(u) (D - y)^2 + u, eq. 21
     denoise_mse: torch.Tensor  # (B,) unweighted mean((D - y)^2)
     logvar: torch.Tensor  # (B,) u(sigma)
 
@@ -235,8 +236,9 @@ class EDM2Terms:
 
 
 class EDM2Loss:
-    """Uncertainty-weighted EDM loss (eqs. 14-16, 21), per sample. The squared error is averaged over a sample's
-    elements (EDM2 sums them; the minimizer, including the optimal u(sigma), is the same)."""
+    """Uncertainty-weighted EDM loss (eqs. 14-16, 21), per sample, reduced as EDM2 reduces it: the per-element loss
+    lambda / exp(u) (D - y)^2 + u summed over a sample's elements (training_loop.py sums, then divides by the
+    batch)."""
 
     def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
@@ -253,7 +255,7 @@ class EDM2Loss:
         n = torch.randn(y.shape, device=y.device, generator=generator) * sigma[:, None, None, None]
         D_yn, logvar = net(y + n, sigma, labels, return_logvar=True)
         denoise_mse = (D_yn - y).square().flatten(1).mean(1)  # (B,)
-        loss = weight / logvar.exp() * denoise_mse + logvar
+        loss = (weight / logvar.exp() * denoise_mse + logvar) * y[0].numel()  # = the sum over the D elements
         return EDM2Terms(loss=loss, denoise_mse=denoise_mse, logvar=logvar)
 
 
@@ -277,14 +279,14 @@ def training_losses(model: Precond, cfg: EDM2Config, x0: torch.Tensor, labels: t
     return EDM2Loss(cfg.P_mean, cfg.P_std, cfg.sigma_data)(model, x0, labels, sigma, generator).as_dict()
 
 
-# alpha(t) = alpha_ref / sqrt(max(t / t_ref, 1)) times a linear warm-up (EDM2 config G's inverse-sqrt decay).
-def learning_rate(cfg: EDM2Config, nimg: float) -> float:
-    lr = cfg.ref_lr
-    if cfg.ref_batches > 0:
-        lr /= math.sqrt(max(nimg / (cfg.ref_batches * cfg.batch_size), 1.0))
-    if cfg.rampup_Mimg > 0:
-        lr *= min(nimg / (cfg.rampup_Mimg * 1e6), 1.0)
-    return lr
+def train_recipe(cfg: EDM2Config) -> dict:
+    """EDM2's published optimization as ul_model.train.TrainConfig fields (training_loop.py, train_edm2.py): Adam
+    (0.9, 0.99) without weight decay, alpha_ref / sqrt(max(t / t_ref, 1)) with a linear ramp-up in images, no
+    gradient clipping, power-function EMA profiles (the first is sampled from; post-hoc reconstruction is not done
+    here), the preset's batch."""
+    return {"batch_size": cfg.batch_size, "lr": cfg.ref_lr, "betas": cfg.adam_betas, "weight_decay": 0.0,
+            "warmup_steps": 0, "lr_rampup_images": cfg.rampup_Mimg * 1e6, "lr_decay_batches": cfg.ref_batches,
+            "grad_clip": 0.0, "ema_stds": cfg.ema_stds}
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------------
@@ -349,49 +351,3 @@ def generate(model: Precond, cfg: EDM2Config, seeds: Sequence[int], labels: torc
         return heun_sample(guided_denoiser(model, labels, guidance), x, sigmas)
     finally:
         model.train(was_training)
-
-
-# ---- power-function EMA (section 3.1, appendix C) -----------------------------------------------------------------
-
-# gamma from sigma_rel: the largest real root of gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + 12 - sigma_rel^-2,
-# eq. 126 / Algorithm 2.
-def std_to_exp(sigma_rel: float) -> float:
-    t = sigma_rel**-2
-    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
-
-
-# sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))), eq. 123.
-def exp_to_std(gamma: float) -> float:
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
-class PowerFunctionEMA:
-    """Power-function EMA of the parameters, one average per relative width sigma_rel (eq. 127):
-    beta = (1 - t_delta / t)^(gamma + 1), with t counted in training images."""
-
-    def __init__(self, net: nn.Module, stds: Sequence[float] = (0.050, 0.100)):
-        self.net, self.stds = net, tuple(stds)
-        self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in self.stds]
-
-    # Eq. 127.
-    @torch.no_grad()
-    def update(self, nimg: float, batch_size: int) -> None:
-        for std, ema in zip(self.stds, self.emas):
-            beta = (1 - batch_size / nimg) ** (std_to_exp(std) + 1)
-            for p_net, p_ema in zip(self.net.parameters(), ema.parameters()):
-                p_ema.lerp_(p_net.detach(), 1 - beta)
-
-    @torch.no_grad()
-    def get(self) -> list[tuple[float, nn.Module]]:
-        for ema in self.emas:
-            for b_net, b_ema in zip(self.net.buffers(), ema.buffers()):
-                b_ema.copy_(b_net)
-        return list(zip(self.stds, self.emas))
-
-    def state_dict(self) -> dict:
-        return {"stds": self.stds, "emas": [ema.state_dict() for ema in self.emas]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stds = tuple(state["stds"])
-        for ema, s in zip(self.emas, state["emas"]):
-            ema.load_state_dict(s)

@@ -6,9 +6,11 @@ the config and presets, LDM's training losses (per sample, unreduced), latent no
 stage (DiT's single scale factor or EDM2's per-channel standardization), the rate the protocol reports
 (protocols.md "Latent bitrate": the KL term in bits per pixel), and loading a user's ``save_pretrained`` folder.
 
-Images are (B, C, H, W) in [-1, 1] throughout (SD's convention). Note that EDM2 fed SD-VAE ft-MSE images in [0, 1]
-(``training/encoders.py``: ``x / 255``): its raw latent statistics describe that input range, not ours. For any
-other VAE, or ours trained here, measure the statistics with ``measure_latent_stats``.
+Images are (B, C, H, W) in [-1, 1] at this module's interface (SD's convention); ``KLVAEConfig.input_range`` is what
+the VAE itself is fed, mapped affinely. EDM2 fed SD-VAE ft-MSE images in [0, 1] (``training/encoders.py``:
+``x / 255``) and measured its raw latent statistics on that input, so the EDM2 kind feeds the VAE [0, 1] too, and
+the statistics standardize what they were measured on. For any other VAE, or ours trained here, measure the
+statistics with ``measure_latent_stats`` (on the same input range).
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ class KLVAEConfig:
     raw_mean: tuple[float, ...] = (5.81, 3.25, 0.12, -2.15)  # SD-VAE ft-MSE raw latent mean [EDM2]
     raw_std: tuple[float, ...] = (4.17, 4.62, 3.71, 3.28)  # SD-VAE ft-MSE raw latent std [EDM2]
     final_std: float = 0.5  # std of standardized latents [EDM2]
+    # the pixel range the VAE is fed and decodes to: [-1, 1] as SD trained it and DiT feeds it; [0, 1] as EDM2 fed it
+    # when it measured raw_mean/raw_std [EDM2 training/encoders.py]
+    input_range: tuple[float, float] = (-1.0, 1.0)
     pretrained: str | None = None  # diffusers save_pretrained folder: loaded frozen, not trained
 
     def __post_init__(self):
@@ -57,6 +62,8 @@ class KLVAEConfig:
             raise UserError(f"KLVAEConfig.recon_loss: '{self.recon_loss}', expected one of {RECON_LOSSES}")
         if self.latent_norm not in LATENT_NORMS:
             raise UserError(f"KLVAEConfig.latent_norm: '{self.latent_norm}', expected one of {LATENT_NORMS}")
+        if len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]:
+            raise UserError(f"KLVAEConfig.input_range: {list(self.input_range)}, expected [lo, hi] with lo < hi")
 
     @property
     def downsample(self) -> int:
@@ -161,13 +168,31 @@ def reconstruction_error(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1")
     return err.flatten(1).mean(1)
 
 
+Range = tuple[float, float]
+SD_RANGE: Range = (-1.0, 1.0)
+
+
+def to_vae_range(x: torch.Tensor, input_range: Range = SD_RANGE) -> torch.Tensor:
+    """Images in [-1, 1] -> the VAE's input range [lo, hi] (affine)."""
+    lo, hi = input_range
+    return x if (lo, hi) == SD_RANGE else (x + 1) * ((hi - lo) / 2) + lo
+
+
+def from_vae_range(y: torch.Tensor, input_range: Range = SD_RANGE) -> torch.Tensor:
+    """The VAE's output range [lo, hi] -> [-1, 1] (affine)."""
+    lo, hi = input_range
+    return y if (lo, hi) == SD_RANGE else (y - lo) * (2 / (hi - lo)) - 1
+
+
 def vae_losses(vae: AutoencoderKL, cfg: KLVAEConfig, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample (B,) terms for x (B, C, H, W) in [-1, 1]: recon, kl (nats), loss, bits_per_pixel (detached).
+    """Per-sample (B,) terms for x (B, C, H, W) in [-1, 1], fed in ``cfg.input_range`` (the reconstruction error is
+    measured there): recon, kl (nats), loss, bits_per_pixel (detached).
 
     LDM's per-sample objective (ldm/modules/losses/contperceptual.py) is ``sum_pixels |x - x_hat| + kl_weight * KL``
     (its learned output log-variance is fixed at its initial 0). ``loss`` is that divided by D = C*H*W, so that
     ``recon`` reads as a per-value mean while kl_weight keeps LDM's meaning: same minimizer, same gradient direction.
     """
+    x = to_vae_range(x, cfg.input_range)
     posterior = vae.encode(x).latent_dist
     z = posterior.sample()  # z = mu + sigma * eps, eps from the global RNG  (B, c, h, w)
     x_hat = vae.decode(z).sample  # (B, C, H, W), unclamped: clamping would cut the gradient
@@ -179,22 +204,27 @@ def vae_losses(vae: AutoencoderKL, cfg: KLVAEConfig, x: torch.Tensor) -> dict[st
     return {"recon": recon, "kl": kl, "loss": loss, "bits_per_pixel": bits_per_pixel}
 
 
-def encode(vae: AutoencoderKL, x: torch.Tensor, sample: bool = False,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def posterior(vae: AutoencoderKL, x: torch.Tensor, input_range: Range = SD_RANGE) -> DiagonalGaussianDistribution:
+    """q(z|x) of images (B, C, H, W) in [-1, 1], fed to the VAE in ``input_range``."""
+    return vae.encode(to_vae_range(x, input_range)).latent_dist
+
+
+def encode(vae: AutoencoderKL, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+           input_range: Range = SD_RANGE) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] -> raw latents (B, c, H/f, W/f): the posterior mode, or a sample."""
-    posterior = vae.encode(x).latent_dist
-    return posterior.sample(generator) if sample else posterior.mode()
+    post = posterior(vae, x, input_range)
+    return post.sample(generator) if sample else post.mode()
 
 
-def decode(vae: AutoencoderKL, z_raw: torch.Tensor) -> torch.Tensor:
-    """Raw latents (B, c, h, w) -> images (B, C, h*f, w*f) clamped to [-1, 1]."""
-    return vae.decode(z_raw).sample.clamp(-1.0, 1.0)
+def decode(vae: AutoencoderKL, z_raw: torch.Tensor, input_range: Range = SD_RANGE) -> torch.Tensor:
+    """Raw latents (B, c, h, w) -> images (B, C, h*f, w*f) in [-1, 1], clamped."""
+    return from_vae_range(vae.decode(z_raw).sample, input_range).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
-def kl_bits_per_pixel(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+def kl_bits_per_pixel(vae: AutoencoderKL, x: torch.Tensor, input_range: Range = SD_RANGE) -> torch.Tensor:
     # rate of this baseline: KL(q(z|x) || N(0, I)) / ln 2 / (H*W), bits per pixel (B,)  [protocols.md]
-    return posterior_kl(vae.encode(x).latent_dist) / math.log(2) / (x.shape[-2] * x.shape[-1])
+    return posterior_kl(posterior(vae, x, input_range)) / math.log(2) / (x.shape[-2] * x.shape[-1])
 
 
 class LatentNorm:
@@ -234,14 +264,16 @@ class LatentStats(NamedTuple):
 
 
 @torch.no_grad()
-def measure_latent_stats(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> LatentStats:
-    """Per-channel mean and std of raw latents (posterior mode) over images (N, C, H, W) in [-1, 1], for a VAE that
-    is not SD's (EDM2's numbers only fit SD-VAE ft-MSE fed [0, 1]). Use as
-    ``replace(cfg, latent_norm="standardize", raw_mean=stats.mean, raw_std=stats.std)``. Accumulated in float64."""
+def measure_latent_stats(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64,
+                         input_range: Range = SD_RANGE) -> LatentStats:
+    """Per-channel mean and std of raw latents (posterior mode) over images (N, C, H, W) in [-1, 1] fed in
+    ``input_range``, for a VAE that is not SD's (EDM2's numbers only fit SD-VAE ft-MSE fed [0, 1]). Use as
+    ``replace(cfg, latent_norm="standardize", raw_mean=stats.mean, raw_std=stats.std, input_range=input_range)``.
+    Accumulated in float64."""
     total = total_sq = None
     count = 0
     for i in range(0, len(images), batch):
-        z = encode(vae, images[i: i + batch]).double().transpose(0, 1).flatten(1)  # (c, b*h*w)
+        z = encode(vae, images[i: i + batch], input_range=input_range).double().transpose(0, 1).flatten(1)
         total = z.sum(1) if total is None else total + z.sum(1)
         total_sq = (z**2).sum(1) if total_sq is None else total_sq + (z**2).sum(1)
         count += z.shape[1]

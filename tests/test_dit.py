@@ -87,7 +87,8 @@ def test_training_step_flops_on_meta():
         batch = (torch.empty(2, 4, 32, 32), torch.zeros(2, dtype=torch.long))
     counts = measure_step(StepInputs(model, lambda m, b: training_losses(m, cfg, *b), batch))
     assert counts.forward_macs_per_image == forward_macs(cfg)[0]
-    assert 2.0 <= counts.backward_flops / counts.forward_flops <= 2.05  # weights + inputs; attention backward 2.5x
+    # weights + inputs, attention backward 2x (one convention, ulbench.flops); the patch embedding needs no input grad
+    assert 1.99 <= counts.backward_flops / counts.forward_flops <= 2.0
 
 
 def random_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:

@@ -1,4 +1,5 @@
-"""FLOP accounting: attention counted on CPU, closed forms for SDPA and a DiT-like stack, meta = CPU, the CLI."""
+"""FLOP accounting: attention counted on CPU as its matmuls (backward 2x forward) on every path and for every kind,
+closed forms for SDPA and a DiT-like stack, meta = CPU, the CLI."""
 import importlib
 import json
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ul_model.networks import TransformerBlock
@@ -20,23 +22,68 @@ def _sum_of_squares_step(module: nn.Module, batch: tuple) -> StepInputs:
 
 
 class Attention(nn.Module):
+    def __init__(self, dropout_p: float = 0.0):
+        super().__init__()
+        self.dropout_p = dropout_p
+
     def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p)
 
 
-def test_cpu_attention_is_counted_with_the_closed_forms():
+# CPU runs the fused flash kernel without attention dropout and the math path (explicit matmuls) with it; meta always
+# takes the math path. Every one must be charged the same: the matmuls, backward 2x forward.
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_attention_is_counted_as_its_matmuls_on_every_path(device, dropout_p):
     b, h, l_q, l_k, d = 2, 3, 6, 10, 8  # cross-attention shapes: a swapped L_q/L_k or D would change the counts
-    q = torch.randn(b, h, l_q, d, requires_grad=True)
-    k, v = (torch.randn(b, h, l_k, d, requires_grad=True) for _ in range(2))
-    counted = measure_step(_sum_of_squares_step(Attention(), (q, k, v)))
+    q = torch.randn(b, h, l_q, d, device=device, requires_grad=True)
+    k, v = (torch.randn(b, h, l_k, d, device=device, requires_grad=True) for _ in range(2))
+    counted = measure_step(_sum_of_squares_step(Attention(dropout_p), (q, k, v)))
     # forward: S = Q K^T and O = P V, each B*H*L_q*L_k*D multiply-adds, 2 FLOPs each
     assert counted.forward_flops == 2 * (2 * b * h * l_q * l_k * d) > 0
-    # backward (torch's fused-kernel formula): recompute S, then dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q:
-    # five matmuls of the same size, 2.5x the forward
-    assert counted.backward_flops == 5 * (2 * b * h * l_q * l_k * d)
-    with FlopCounterMode(display=False) as counter:  # the CPU kernel itself is what got counted
-        F.scaled_dot_product_attention(q, k, v)
-    assert counter.get_flop_counts()["Global"] == {flops.CPU_SDPA_FORWARD: counted.forward_flops}
+    # backward: dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q, four matmuls of the same size; the fused kernels'
+    # recomputation of S (torch's formula: five, 2.5x) is not charged
+    assert counted.backward_flops == 2 * counted.forward_flops
+
+
+def test_cpu_kernel_is_what_gets_counted():
+    q = torch.randn(2, 3, 6, 8, requires_grad=True)
+    matmul_flops = 2 * (2 * 3 * 6 * 6 * 8)  # one of Q K^T, P V, ...: 2 x B*H*L*L*D multiply-adds
+    with FlopCounterMode(display=False) as counter:  # torch's own formulas, registered by ulbench.flops
+        F.scaled_dot_product_attention(q, q, q).sum().backward()
+    assert counter.get_flop_counts()["Global"] == {flops.CPU_SDPA_FORWARD: 2 * matmul_flops,
+                                                   flops.CPU_SDPA_BACKWARD: 5 * matmul_flops}
+    with flops.counter() as counter:  # the convention: the same kernel, its backward charged 4 matmuls
+        F.scaled_dot_product_attention(q, q, q).sum().backward()
+    assert counter.get_flop_counts()["Global"] == {flops.CPU_SDPA_FORWARD: 2 * matmul_flops,
+                                                   flops.CPU_SDPA_BACKWARD: 4 * matmul_flops}
+
+
+def _meta(*shape):
+    return torch.empty(shape, device="meta")
+
+
+def test_every_attention_backward_torch_counts_is_charged_2x_forward():
+    import torch.nn.attention.varlen  # noqa: F401  (registers its op's formulas)
+    from torch._higher_order_ops.flex_attention import flex_attention_backward
+    from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+
+    torch_backward_ops = {op for op in flop_registry if "backward" in str(op)} - {torch.ops.aten.convolution_backward}
+    assert torch_backward_ops == set(flops.ATTENTION_BACKWARD_OPS)
+    # One shape for every layout ((B, H, L, D) for SDPA, (B, L, H, D) for flash and efficient): H = L.
+    t, forward_flops = _meta(2, 4, 4, 8), sdpa_flop_count((2, 4, 4, 8), (2, 4, 4, 8), (2, 4, 4, 8))
+    lse = _meta(2, 4, 4)
+    args = {  # grad_out, q, k, v first, then what the formula reads; flex: q, k, v, out, logsumexp, grad_out
+        torch.ops.aten._flash_attention_backward: (t, t, t, t, t, lse, None, None, 4, 4),
+        torch.ops.aten._efficient_attention_backward: (t, t, t, t, None, t, None, None, 4, 4),
+        torch.ops.torch_attn._varlen_attn_backward: (t, t, t, t, t, lse, None, None, 4, 4),
+        flex_attention_backward: (t, t, t, t, lse, t),
+    }
+    mapping = flops.counter().flop_registry
+    for op in flops.ATTENTION_BACKWARD_OPS:
+        op_args = args.get(op, (t, t, t, t))
+        assert flop_registry[op](*op_args, out_val=None) == 5 * forward_flops // 2, op  # torch: S recomputed
+        assert mapping[op](*op_args, out_val=None) == 2 * forward_flops, op
 
 
 def test_without_the_registered_formula_cpu_attention_counts_zero(monkeypatch):
@@ -79,25 +126,45 @@ def test_dit_like_stack_matches_the_analytic_multiply_adds():
     attention_macs = 2 * tokens * tokens * width  # Q K^T and P V over all heads
     assert counted.forward_macs_per_image == pytest.approx(depth * (linear_macs + attention_macs), rel=0.01)
     # Backward: 2x a linear layer (input and weight gradients; the ada input c needs none, so ada counts 1x) and
-    # 2.5x attention (the fused kernel recomputes the scores).
+    # 2x attention (its four backward matmuls).
     ada_macs = width * 6 * width
-    backward_macs = depth * (2 * linear_macs - ada_macs + 2.5 * attention_macs)
+    backward_macs = depth * (2 * linear_macs - ada_macs + 2 * attention_macs)
     assert counted.backward_flops / 2 / n == pytest.approx(backward_macs, rel=0.01)
 
 
-def _ul_tiny_steps(device: str, overrides: dict | None = None) -> dict[str, StepFlops]:
-    kind = kind_of_preset("ul-tiny")
-    config = kind.resolve("ul-tiny", overrides or {})
-    return {stage: measure_step(kind.step_inputs(config, stage, 2, device)) for stage in kind.stages}
+def _steps(preset: str, device: str, overrides: dict | None = None) -> dict[str, StepFlops]:
+    kind = kind_of_preset(preset)
+    config = kind.resolve(preset, overrides or {})
+    torch.manual_seed(0)
+    return {stage: measure_step(kind.step_inputs(config, stage, 2, device)) for stage in kind.stages_for(config)}
 
 
-# Attention dropout makes CPU take SDPA's math path instead of the fused kernel: meta must follow it there too.
-@pytest.mark.parametrize("overrides", [{}, {"base": {"dropout": 0.1}, "decoder": {"middle": {"dropout": 0.1}}}],
-                         ids=["fused-attention", "attention-dropout"])
+ATTENTION_DROPOUT = {"base": {"dropout": 0.1}, "decoder": {"middle": {"dropout": 0.1}}}
+
+
+# Attention dropout makes CPU take SDPA's math path instead of the fused kernel; meta takes the math path always.
+@pytest.mark.parametrize("overrides", [{}, ATTENTION_DROPOUT], ids=["fused-attention", "attention-dropout"])
 def test_meta_counts_equal_cpu_counts(overrides):
-    meta, cpu = _ul_tiny_steps("meta", overrides), _ul_tiny_steps("cpu", overrides)
+    meta, cpu = _steps("ul-tiny", "meta", overrides), _steps("ul-tiny", "cpu", overrides)
     assert meta == cpu
     assert all(s.forward_flops > 0 and s.backward_flops > 0 for s in cpu.values())
+
+
+def test_attention_dropout_changes_no_count():
+    # dropout is element-wise: switching UL's attention to the math path must not change what a step is charged
+    assert _steps("ul-tiny", "meta", ATTENTION_DROPOUT) == _steps("ul-tiny", "meta")
+
+
+# One convention across kinds: every stage of each has attention (UL: decoder middle and base model; DiT: VAE middle
+# and DiT blocks, fused SDPA; EDM2: VAE middle, and its own attention as explicit matmuls). Counting the real step
+# (CPU flash kernel) must give what the same step gives with SDPA forced to the math path, and the meta count.
+@pytest.mark.parametrize("preset", ["ul-tiny", "dit-tiny", "edm2-tiny"])
+def test_one_attention_convention_for_every_method_kind(preset):
+    cpu = _steps(preset, "cpu")
+    with sdpa_kernel(SDPBackend.MATH):
+        math_path = _steps(preset, "cpu")
+    assert cpu == math_path == _steps(preset, "meta")
+    assert set(cpu) == {"stage1", "stage2"}
 
 
 def test_training_is_about_three_forwards_and_stage1_costs_more():

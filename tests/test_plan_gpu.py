@@ -17,7 +17,7 @@ H100_BF16_DENSE = 989.4e12  # FLOP/s, NVIDIA H100 SXM datasheet (1,979 TFLOPS wi
 @pytest.fixture(scope="module")
 def smoke():
     """The smoke suite (ul-tiny, dit-tiny) with a second, guided sample set."""
-    suite = load_suite("suites/smoke.yaml", ["evaluation.guidance=[1.0,2.0]"])
+    suite = load_suite("suites/smoke.yaml", ["evaluation.guidance=[1.0,2.0]", "dataset.class_conditional=true"])
     return suite, make_plan(suite)
 
 
@@ -118,8 +118,8 @@ def test_inception_count_matches_torchvision():
 
 def test_dry_run_prints_todays_plan_then_the_gpu_hours(smoke, capsys):
     suite, plans = smoke
-    rc = main(["run", "suites/smoke.yaml", "--set", "evaluation.guidance=[1.0,2.0]", "--dry-run", "--no-timing",
-               "--gpu", "h200", "--gpus", "8"])
+    rc = main(["run", "suites/smoke.yaml", "--set", "evaluation.guidance=[1.0,2.0]", "--set",
+               "dataset.class_conditional=true", "--dry-run", "--no-timing", "--gpu", "h200", "--gpus", "8"])
     out = capsys.readouterr().out
     assert rc == 0
     before, gpu_plan = out.split("GPU plan on h200")

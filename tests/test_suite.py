@@ -210,7 +210,7 @@ compute: {ladder: [1.0e12]}
     assert (s.dataset.name, s.dataset.split, s.dataset.class_conditional) == ("photos", "test", True)
     ev = s.evaluation
     assert ev.metrics == ("fid", "kid") and ev.num_samples == 10 and ev.guidance == (3.0,)
-    assert ev.sampler == {"method": "ancestral", "steps": 10, "decoder_steps": 7}
+    assert ev.sampler == {"method": "ancestral", "steps": 10, "decoder_steps": 7, "guidance_interval": None}
     assert (s.seeds.train, s.seeds.sample) == (3, 0)
 
 
@@ -273,11 +273,14 @@ def test_defaults_filled_and_to_dict_round_trips(tmp_path):
         "version": 1, "name": "suite", "description": "",
         "dataset": {"name": "photos", "path": None, "resolution": 32, "split": "train", "subset": None,
                     "class_conditional": False, "xflip": False, "workers": 0},
-        "methods": [{"name": "ul", "kind": "ul", "preset": "ul-tiny", "overrides": {}, "train": {}}],
+        "methods": [{"name": "ul", "kind": "ul", "preset": "ul-tiny", "overrides": {}, "train": {},
+                     "sampler": {"method": "ancestral", "steps": 50, "decoder_steps": 50, "guidance_interval": None},
+                     "guidance": [1.0]}],
         "compute": {"ladder": [1e12, 2e12], "counts": "stage2", "stage1": {"fraction": 0.5}},
         "evaluation": {"metrics": ["fid", "kid", "rfid", "psnr", "bits_per_pixel"], "num_samples": 200,
                        "num_reconstructions": 200, "reference": "dataset", "reference_size": None,
-                       "sampler": {"method": "ancestral", "steps": 50, "decoder_steps": 50}, "guidance": [1.0],
+                       "sampler": {"method": "ancestral", "steps": 50, "decoder_steps": 50,
+                                   "guidance_interval": None}, "guidance": [1.0],
                        "bootstrap": 0, "kid_subset_size": 100, "resize": "legacy", "batch_size": 50},
         "seeds": {"train": 0, "sample": 0}, "device": "auto", "precision": "auto", "report": {"published": None}}
     assert s.compute.stage1_budget() == 1e12

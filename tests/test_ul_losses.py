@@ -139,3 +139,25 @@ def test_fixed_noise_encoding_and_bit_ceiling(z_clean):
     narrow_bits = bits_per_latent_dim(prior_loss(z_clean, gaussian_denoiser(S), schedule).total, D).mean().item()
     assert 0 < narrow_bits < ceiling - 0.3
     assert endpoint_kl(torch.zeros(1, D), -30.0).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_loss_schedule_quantities_are_float32_under_bf16_autocast():
+    # Under bf16 autocast the networks return bf16; a schedule evaluated in that dtype gave alpha_0 = 0.99609
+    # instead of sqrt(sigmoid(5)) = 0.99665 and drew t in bf16 (256 distinct values in [0, 1)).
+    torch.manual_seed(5)
+    net = torch.nn.Linear(D, D)  # stands in for the encoder and the prior: bf16 outputs under autocast
+    x, schedule, lams = torch.randn(64, D), LogSNRSchedule(-10.0, 5.0), []
+    denoise = lambda z_t, lam: (lams.append(lam), net(z_t))[1]  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_clean = net(x)
+        z0 = encode_z0(z_clean, 5.0, torch.zeros(64, D))
+        terms = prior_loss(z_clean, denoise, schedule)
+    assert z_clean.dtype == torch.bfloat16  # the test exercises what it means to
+    alpha0 = math.sqrt(1 / (1 + math.exp(-5.0)))
+    assert alpha0 == pytest.approx(0.996648, abs=1e-6)
+    assert z0.dtype == torch.float32
+    torch.testing.assert_close(z0, alpha0 * z_clean.float(), rtol=1e-6, atol=0)
+    (lam,) = lams
+    assert lam.dtype == torch.float32 and terms.diffusion.dtype == terms.endpoint_kl.dtype == torch.float32
+    assert len(lam.unique()) == len(lam) and lam.min() >= -10.0 and lam.max() <= 5.0
+    torch.testing.assert_close(terms.endpoint_kl, endpoint_kl(z_clean.float(), -10.0), rtol=1e-6, atol=0)

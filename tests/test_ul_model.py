@@ -115,3 +115,54 @@ def test_generation_does_not_depend_on_batch_size(tiny):
     singles = torch.cat([tiny.generate([s], labels[i: i + 1], steps=4, decoder_steps=4, guidance=1.5)
                          for i, s in enumerate(seeds)])
     torch.testing.assert_close(batch, singles, rtol=1e-4, atol=1e-4)
+
+
+def test_optimizer_loss_is_nats_per_dimension_and_reported_terms_stay_in_nats():
+    # The optimizer minimises the nats total per data dim (a sum of ~1e3-1e4 nats gave gradient norms of ~4e3, so a
+    # clip at 1 rescaled every step); the logged terms, bits/pixel included, stay the per-sample nats of before.
+    torch.manual_seed(3)
+    m = UnifiedLatents(PRESETS["ul-tiny"]).set_stage(1)
+    x = _images(16)
+    terms = m(x)
+    assert torch.equal(terms["total_nats"], terms["l_z"] + terms["decoder"])
+    assert torch.equal(terms["loss"], terms["total_nats"] / (3 * 32 * 32))
+    torch.testing.assert_close(terms["bits_per_pixel"], terms["l_z"].detach() / (math.log(2) * 32 * 32))
+    params = [p for p in m.parameters() if p.requires_grad]
+    norm = lambda loss: torch.linalg.vector_norm(torch.stack([g.norm() for g in torch.autograd.grad(  # noqa: E731
+        loss, params, retain_graph=True, allow_unused=True) if g is not None]))
+    g_loss, g_nats = norm(terms["loss"].mean()), norm(terms["total_nats"].mean())
+    torch.testing.assert_close(g_loss, g_nats / (3 * 32 * 32))
+    assert 0.1 < g_loss < 10 and g_nats > 1000  # a fresh model on real photos: O(1) for the optimizer
+    m.set_stage(2)
+    z, labels = torch.randn(16, *m.cfg.latent_shape), torch.arange(16) % 10
+    terms = m(z, labels)
+    assert torch.equal(terms["loss"], terms["base"] / math.prod(m.cfg.latent_shape))
+
+
+def test_stage1_terms_are_float32_under_bf16_autocast(tiny):
+    # The networks run in bf16; the fixed-noise encoding and the loss terms must not (alpha_0 came out 0.99609).
+    eps = torch.zeros(4, *tiny.cfg.latent_shape)
+    x = _images(4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z_clean, z0 = tiny.encode(x, eps)
+        terms = tiny.stage1_terms(x)
+    assert z_clean.dtype == torch.bfloat16 and z0.dtype == torch.float32
+    torch.testing.assert_close(z0, math.sqrt(1 / (1 + math.exp(-5.0))) * z_clean.float(), rtol=1e-6, atol=0)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in vars(terms).values())
+
+
+def test_generate_guidance_interval():
+    torch.manual_seed(4)
+    m = UnifiedLatents(PRESETS["ul-tiny"]).eval()
+    with torch.no_grad():  # zero-initialised layers (adaLN, outputs) would make labels and latents irrelevant
+        for p in [*m.base.parameters(), *m.decoder.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    labels = torch.tensor([1, 2])
+    run = lambda guidance, interval: m.generate([0, 1], labels, steps=4, decoder_steps=3,  # noqa: E731
+                                                guidance=guidance, guidance_interval=interval)
+    plain, everywhere = run(1.0, None), run(3.0, None)
+    assert not torch.equal(plain, everywhere)
+    assert torch.equal(run(3.0, (6.0, 9.0)), plain)  # no base-model step has lambda in (6, 9): plain conditional
+    assert torch.equal(run(3.0, (-math.inf, math.inf)), everywhere)
+    partial = run(3.0, (-3.0, 3.0))
+    assert not torch.equal(partial, plain) and not torch.equal(partial, everywhere)

@@ -25,8 +25,15 @@ def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    # Loss math in float32 (float64 kept): under bf16 autocast the networks' outputs are bf16, and a schedule
+    # evaluated in their dtype is off in the third digit (alpha_0 = 0.99609 instead of 0.99665).
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def encode_z0(z_clean: torch.Tensor, lambda_z0: float = 5.0, eps: torch.Tensor | None = None) -> torch.Tensor:
     # z_0 = alpha_0 z_clean + sigma_0 eps_z, lambda_z(0) = 5  (fixed-noise encoding, section 2.2)
+    z_clean = _fp32(z_clean)
     alpha0, sigma0 = alpha_sigma(torch.tensor(lambda_z0, dtype=z_clean.dtype))
     eps = torch.randn_like(z_clean) if eps is None else eps
     return alpha0 * z_clean + sigma0 * eps
@@ -36,17 +43,19 @@ def weighted_eps_loss(x: torch.Tensor, denoise: Denoiser, schedule: LogSNRSchedu
                       weight: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor | None = None,
                       eps: torch.Tensor | None = None) -> torch.Tensor:
     # E_t,eps[ 0.5 (-dlambda/dt) w(lambda) |eps - eps_hat(x_t, lambda)|^2 ]  (one-sample estimate per example)
+    x = _fp32(x)
     t = torch.rand(x.shape[0], dtype=x.dtype, device=x.device) if t is None else t
     eps = torch.randn_like(x) if eps is None else eps
     lam = schedule.logsnr(t)  # (N,)
     alpha, sigma = (_bcast(a, x) for a in alpha_sigma(lam))
     x_t = alpha * x + sigma * eps
-    eps_hat = eps_from_v(x_t, denoise(x_t, lam), alpha, sigma)
+    eps_hat = eps_from_v(x_t, _fp32(denoise(x_t, lam)), alpha, sigma)
     return 0.5 * (-schedule.dlogsnr_dt(t)) * weight(lam) * _per_sample((eps - eps_hat) ** 2)
 
 
 def endpoint_kl(z_clean: torch.Tensor, lambda_min: float) -> torch.Tensor:
     # KL(q(z_1 | z_clean) || N(0, I)) = 0.5 sum(alpha_1^2 z^2 + sigma_1^2 - log sigma_1^2 - 1)  [VDM]
+    z_clean = _fp32(z_clean)
     alpha1_sq = torch.sigmoid(torch.tensor(lambda_min, dtype=z_clean.dtype))
     sigma1_sq = 1 - alpha1_sq
     return 0.5 * _per_sample(alpha1_sq * z_clean**2 + sigma1_sq - torch.log(sigma1_sq) - 1)

@@ -112,13 +112,20 @@ class UnifiedLatents(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Training step terms for the current stage (images for stage 1, cached latents for stage 2)."""
+        """Training step terms for the current stage (images for stage 1, cached latents for stage 2), per sample.
+
+        The terms are nats summed over the sample; ``loss``, what the optimizer minimises, is that total divided by
+        the dims it sums over (pixel values in stage 1, latent dims in stage 2), so gradient norms are O(1) at any
+        resolution and a clip threshold means the same at 32 and 512 px. Measured (ul-tiny, Fashion-MNIST, 300
+        steps): the nats sums gave norms of 950-14000 in stage 1 and 9-196 in stage 2, every step clipped at 1;
+        per dim, stage 1 median 1.1 and p99 4.5, stage 2 median 0.11 and max 0.75."""
         if getattr(self, "stage", 1) == 1:
             t = self.stage1_terms(x)
-            return {"loss": t.total, "prior_diffusion": t.prior_diffusion, "prior_kl": t.prior_kl,
-                    "decoder": t.decoder, "l_z": t.l_z, "bits_per_pixel": t.bits_per_pixel}
-        loss = self.base_terms(x, labels)
-        return {"loss": loss, "base": loss}
+            return {"loss": t.total / math.prod(self.cfg.data_shape), "total_nats": t.total,
+                    "prior_diffusion": t.prior_diffusion, "prior_kl": t.prior_kl, "decoder": t.decoder, "l_z": t.l_z,
+                    "bits_per_pixel": t.bits_per_pixel}
+        base = self.base_terms(x, labels)
+        return {"loss": base / math.prod(self.cfg.latent_shape), "base": base}
 
     def known_frames(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clips, mask) for replacement sampling: the given frames of ``context`` (N, C, T, H, W) are known."""
@@ -138,10 +145,11 @@ class UnifiedLatents(nn.Module):
 
     @torch.no_grad()
     def generate(self, seeds, labels: torch.Tensor | None, steps: int = 250, decoder_steps: int = 250,
-                 guidance: float = 1.0, interval: tuple[float, float] | None = None,
+                 guidance: float = 1.0, guidance_interval: tuple[float, float] | None = None,
                  method: str = "ancestral", context: torch.Tensor | None = None) -> torch.Tensor:
-        """Alg. 2: z_1 ~ N(0, I) -> base model down to lambda 5 -> z_hat -> decoder -> image in [-1, 1]. Clips:
-        ``context`` (N, C, T, H, W) in [-1, 1] gives the first ``context_frames`` frames (the rest is ignored)."""
+        """Alg. 2: z_1 ~ N(0, I) -> base model down to lambda 5 -> z_hat -> decoder -> image in [-1, 1]. Guidance
+        applies at the base model's steps whose log-SNR lies in ``guidance_interval`` = (lo, hi) [SiD2] (None: all).
+        Clips: ``context`` (N, C, T, H, W) in [-1, 1] gives the first ``context_frames`` frames (the rest ignored)."""
         device = next(self.parameters()).device
         base = self.base
         if self.cfg.video:
@@ -153,7 +161,7 @@ class UnifiedLatents(nn.Module):
             base = lambda z_t, lam, y: self.base(z_t, lam, y, z_ctx)  # noqa: E731
         latent_seeds = [s + 2**31 for s in seeds]  # latent and pixel noise come from different per-sample streams
         noise = SampleNoise(latent_seeds, self.cfg.latent_shape, torch.float32, device)
-        z_hat = sample(guided(base, labels, guidance, interval), self.base_schedule, steps, noise, method)
+        z_hat = sample(guided(base, labels, guidance, guidance_interval), self.base_schedule, steps, noise, method)
         return self.decode(z_hat, seeds, decoder_steps, method, context)
 
     @torch.no_grad()

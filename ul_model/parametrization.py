@@ -29,6 +29,11 @@ def x_from_eps(z_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma:
     return (z_t - sigma * eps) / alpha
 
 
+def eps_from_x(z_t: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    # eps_hat = (z_t - alpha x_hat) / sigma
+    return (z_t - alpha * x) / sigma
+
+
 def v_from_x(z_t: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     # v_hat = (alpha z_t - x_hat) / sigma
     return (alpha * z_t - x) / sigma

@@ -6,11 +6,12 @@ model's final clean prediction at t = 0 (UL Alg. 2: the base model's ``z_hat``, 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
-from ul_model.parametrization import eps_from_v, x_from_v
+from ul_model.parametrization import eps_from_v, eps_from_x, x_from_v
 from ul_model.schedules import LogSNRSchedule, alpha_sigma
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,20 +42,20 @@ def guided(cond: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tor
     """Classifier-free guidance: v = v_u + w (v_c - v_u), applied only where lambda lies in ``interval`` [SiD2].
 
     ``cond(z_t, logsnr, labels)`` is the conditional network; ``labels=None`` asks it for the unconditional output.
-    ``scale = 1`` is plain conditional sampling (one network evaluation per step).
+    ``scale = 1``, and every step whose lambda is outside ``interval`` = (lo, hi), is plain conditional sampling (one
+    network evaluation); ``interval=None`` guides at every step.
     """
+
+    lo, hi = interval if interval is not None else (-math.inf, math.inf)
 
     def denoise(z_t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         v_c = cond(z_t, lam, labels)
-        if scale == 1.0 or labels is None:
-            return v_c
+        inside = ((lam >= lo) & (lam <= hi)).reshape(-1, *([1] * (z_t.ndim - 1)))
+        if scale == 1.0 or labels is None or not inside.any():
+            return v_c  # outside the interval the conditional prediction alone: one network pass
         v_u = cond(z_t, lam, None)
-        w = torch.full_like(lam, scale)
-        if interval is not None:
-            lo, hi = interval
-            w = torch.where((lam >= lo) & (lam <= hi), w, torch.ones_like(w))
-        w = w.reshape(-1, *([1] * (z_t.ndim - 1)))
-        return v_u + w * (v_c - v_u)
+        w = torch.full_like(lam, scale).reshape(-1, *([1] * (z_t.ndim - 1)))
+        return torch.where(inside, v_u + w * (v_c - v_u), v_c)
 
     return denoise
 
@@ -91,11 +92,12 @@ def sample(denoise: Denoiser, schedule: LogSNRSchedule, steps: int, noise: Sampl
     for t, s in zip(ts[:-1], ts[1:]):
         lam_t = schedule.logsnr(t).expand(n)  # noisier
         lam_s = schedule.logsnr(s).expand(n)  # cleaner
+        a_t, s_t = (float(v[0]) for v in alpha_sigma(lam_t))
+        a_s, s_s = (float(v[0]) for v in alpha_sigma(lam_s))
         x_hat, eps_hat = _predict(denoise, z, lam_t.to(z.dtype))
         if clip_x is not None:
             x_hat = x_hat.clamp(-clip_x, clip_x)
-        a_t, s_t = (float(v[0]) for v in alpha_sigma(lam_t))
-        a_s, s_s = (float(v[0]) for v in alpha_sigma(lam_s))
+            eps_hat = eps_from_x(z, x_hat, a_t, s_t)  # DDIM steps with a pair that still gives z_t = a_t x + s_t eps
         if method == "ddim":
             z = a_s * x_hat + s_s * eps_hat  # z_s = alpha_s x_hat + sigma_s eps_hat
         else:

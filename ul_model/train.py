@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from ul_model.ema import EMA, PowerFunctionEMA, make_ema
 from ul_model.io import atomic_bytes
 
 
@@ -38,9 +39,12 @@ class TrainConfig:
     lr: float = 1e-4  # [choice]
     betas: tuple[float, float] = (0.9, 0.99)  # [choice]
     weight_decay: float = 0.0
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999  # [choice]
+    warmup_steps: int = 100  # linear warm-up over steps (0: none)
+    lr_rampup_images: float = 0.0  # EDM2's ramp-up: lr x min(images seen / this, 1) (0: none)
+    lr_decay_batches: float = 0.0  # EDM2's t_ref: lr / sqrt(max(images seen / (this x batch), 1)) (0: none)
+    grad_clip: float = 1.0  # max gradient norm (<= 0: no clipping; the norm is still logged)
+    ema_decay: float = 0.9999  # [choice] exponential EMA, used when ema_stds is empty
+    ema_stds: tuple[float, ...] = ()  # EDM2's power-function EMA profiles (sigma_rel); the first is sampled from
     log_every: int = 10
     checkpoint_every: int = 500  # <= 0: never write checkpoints (benchmarks)
     seed: int = 0
@@ -72,22 +76,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
-class EMA:
-    """Exponential moving average of parameters: ema = d * ema + (1 - d) * param."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v, 1 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-
 def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
     """(rank share, micro-batch) of the global batch; raises ValueError when they do not divide."""
     if cfg.batch_size % world:
@@ -106,16 +94,27 @@ def noise_seed(seed: int, step: int, micro_index: int) -> int:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    # linear warm-up to lr, then constant [choice]
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    """The learning rate of ``step`` (0-based): linear warm-up over ``warmup_steps`` [choice], then EDM2's schedule
+    where its fields are set (EDM2 training/training_loop.py learning_rate_schedule, evaluated on the images seen
+    before the step): alpha_ref / sqrt(max(t / t_ref, 1)) x min(t / rampup, 1)."""
+    nimg = step * cfg.batch_size
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+    if cfg.lr_decay_batches > 0:
+        lr /= math.sqrt(max(nimg / (cfg.lr_decay_batches * cfg.batch_size), 1.0))
+    if cfg.lr_rampup_images > 0:
+        lr *= min(nimg / cfg.lr_rampup_images, 1.0)
+    return lr
 
 
-def save_checkpoint(out: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, step: int) -> None:
-    """weights.safetensors, ema.safetensors, state.pt (optimizer, step, RNG), then latest.json last (atomically)."""
+def save_checkpoint(out: Path, model: nn.Module, ema: EMA | PowerFunctionEMA, opt: torch.optim.Optimizer,
+                    step: int) -> None:
+    """weights.safetensors, one safetensors file per parameter average (ema.safetensors is the one sampled from),
+    state.pt (optimizer, step, RNG), then latest.json last (atomically)."""
     ckpt = out / f"checkpoint-{step:08d}"
     ckpt.mkdir(parents=True, exist_ok=True)
     atomic_bytes(ckpt / "weights.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
-    atomic_bytes(ckpt / "ema.safetensors", save({k: v.contiguous() for k, v in ema.shadow.items()}))
+    for name, shadow in ema.averages().items():
+        atomic_bytes(ckpt / f"{name}.safetensors", save({k: v.contiguous() for k, v in shadow.items()}))
     state = {"optimizer": opt.state_dict(), "step": step, "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     buf = io.BytesIO()
@@ -124,11 +123,11 @@ def save_checkpoint(out: Path, model: nn.Module, ema: EMA, opt: torch.optim.Opti
     atomic_bytes(out / "latest.json", json.dumps({"checkpoint": ckpt.name, "step": step}).encode())
 
 
-def load_checkpoint(out: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer) -> int:
+def load_checkpoint(out: Path, model: nn.Module, ema: EMA | PowerFunctionEMA, opt: torch.optim.Optimizer) -> int:
     latest = json.loads((out / "latest.json").read_text())
     ckpt = out / latest["checkpoint"]
     model.load_state_dict(load_file(str(ckpt / "weights.safetensors")))
-    ema.shadow = load_file(str(ckpt / "ema.safetensors"))
+    ema.load({name: load_file(str(ckpt / f"{name}.safetensors")) for name in ema.averages()})
     # Our own file (optimizer tensors, ints, RNG byte tensors): weights_only loading suffices.
     state = torch.load(ckpt / "state.pt", weights_only=True)
     opt.load_state_dict(state["optimizer"])
@@ -149,7 +148,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, tuple], dict[str, torc
     rank, world = distributed()
     share, micro = micro_batches(cfg, world)
     model.to(device)
-    ema = EMA(model, cfg.ema_decay)
+    ema = make_ema(model, cfg.ema_decay, cfg.ema_stds)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     start = load_checkpoint(out, model, ema, opt) if resume and (out / "latest.json").exists() else 0
@@ -183,9 +182,10 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, tuple], dict[str, torc
                 (loss / n_micro).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().mean()
-        grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        # the norm before clipping; an infinite threshold measures without clipping (DiT, EDM2 do not clip)
+        grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
         opt.step()
-        ema.update(model)
+        ema.update(model, (step + 1) * cfg.batch_size, cfg.batch_size)
         seen += batch[0].shape[0] * world
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ulbench.errors import UserError
-from ulbench.io import write_json
+from ulbench.io import fingerprint_id, write_json
 from ulbench.sweep import ResultsStore
 
 # Allowed movement per metric: max(abs, rel * |baseline|). Sized for CPU float differences between machines on the
@@ -28,8 +28,7 @@ def _key(row: dict) -> tuple:
 
 
 def _fingerprint_id(row: dict) -> str:
-    fp = row.get("fingerprint") or {}
-    return fp.get("id") or json.dumps({k: v for k, v in fp.items() if k != "inputs"}, sort_keys=True)
+    return fingerprint_id(row.get("fingerprint"))
 
 
 def write_baseline(run_dir: str | Path, out: str | Path, tolerances: dict | None = None) -> dict:

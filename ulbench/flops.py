@@ -3,28 +3,28 @@
 Units (protocols.md, "Training compute"): FLOPs = 2 x multiply-adds. DiT's and EDM2's published "Gflops" are
 multiply-adds, so every number here says which unit it is in its name (``*_flops``, ``*_macs``).
 
-Attention: torch counts the CUDA SDPA kernels (flash, efficient, cuDNN) but not the CPU one
-(``aten._scaled_dot_product_flash_attention_for_cpu``), which counted 0. Importing this module registers torch's
-own formulas for it: forward QK^T and AV (2 matmuls), backward with the scores recomputed (5 matmuls, 2.5x forward),
-as the fused kernels do. CPU picks the math path instead when attention dropout is on (training with dropout > 0):
-its matmuls are counted as such, and the backward reuses the stored scores (4 matmuls). The meta device always takes
-the math path; ``measure_step`` routes meta SDPA through the kernel CPU would pick, so meta counts equal CPU counts.
+Attention, one convention for every method and kernel: it is charged as the matmuls it is, forward S = QK^T and
+O = PV (2 matmuls), backward dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q (4 matmuls, 2x forward); work a kernel
+repeats (the fused kernels recompute S in the backward) is not charged. The math path (CPU with attention dropout,
+the meta device, EDM2's own attention) counts its matmuls as such; the fused SDPA kernels (CPU flash; CUDA flash,
+efficient, cuDNN) are counted by formula. torch has none for the CPU kernel (it counted 0): importing this module
+registers torch's own for it (forward 2 matmuls, backward 5 as on CUDA), and ``counter()`` maps every fused attention
+backward to 2x its forward, so a step counts the same on meta, CPU and CUDA, with or without attention dropout.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
-import torch.nn.functional as F
+import torch.nn.attention.varlen  # noqa: F401  (registers torch's formula for its variable-length attention op)
 from torch import nn
-from torch.nn.attention import SDPBackend
-from torch.overrides import TorchFunctionMode
+from torch._higher_order_ops.flex_attention import flex_attention_backward
 from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ulbench.errors import UserError
 from ulbench.methods.base import StepInputs
@@ -32,6 +32,13 @@ from ulbench.methods.base import StepInputs
 _aten = torch.ops.aten
 CPU_SDPA_FORWARD = _aten._scaled_dot_product_flash_attention_for_cpu
 CPU_SDPA_BACKWARD = _aten._scaled_dot_product_flash_attention_for_cpu_backward
+# Every attention backward torch has a formula for (all count per sequence with sdpa_backward_flop_count), and the
+# CPU one registered below.
+ATTENTION_BACKWARD_OPS = (CPU_SDPA_BACKWARD, _aten._scaled_dot_product_flash_attention_backward,
+                          _aten._scaled_dot_product_efficient_attention_backward,
+                          _aten._scaled_dot_product_cudnn_attention_backward, _aten._flash_attention_backward,
+                          _aten._efficient_attention_backward, flex_attention_backward,
+                          torch.ops.torch_attn._varlen_attn_backward)
 
 
 def _cpu_sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -42,11 +49,12 @@ def _cpu_sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shap
 def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
                              **kwargs) -> int:
     # (grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale) -> (dq, dk, dv)
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def register_cpu_sdpa_formulas() -> None:
-    """Register the CPU SDPA formulas with FlopCounterMode; a no-op when they are there already (idempotent)."""
+    """Register torch's SDPA formulas for the CPU kernel with FlopCounterMode, as torch counts the CUDA kernels
+    (backward with the scores recomputed; ``counter()`` then applies this module's convention); idempotent."""
     for op, formula in ((CPU_SDPA_FORWARD, _cpu_sdpa_forward_flops), (CPU_SDPA_BACKWARD, _cpu_sdpa_backward_flops)):
         if op not in flop_counter.flop_registry:
             flop_counter.register_flop_formula(op)(formula)
@@ -55,34 +63,28 @@ def register_cpu_sdpa_formulas() -> None:
 register_cpu_sdpa_formulas()
 
 
-class _SdpaAsOnCpu(TorchFunctionMode):
-    """Runs ``F.scaled_dot_product_attention`` on meta tensors through the kernel CPU would pick for the same
-    arguments (the fused kernel has a meta implementation), so that a meta-device step counts attention exactly as
-    the CPU step does. Without it meta always takes the math fallback (4 backward matmuls instead of 5)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_arguments(*args, **kwargs)
-            backend = _cpu_sdpa_backend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-            if backend == SDPBackend.FLASH_ATTENTION:
-                return CPU_SDPA_FORWARD(q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
-        return func(*args, **kwargs)
+def attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape) -> int:
+    """Attention backward of one sequence batch: dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q, 2x the forward."""
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+def _without_recomputation(torch_formula: Callable[..., int]) -> Callable[..., int]:
+    """torch's formula for an attention backward (it unpacks the op's arguments, nested and variable-length batches
+    included, then counts each sequence batch with ``sdpa_backward_flop_count``), each batch counted without the
+    recomputed scores: ``attention_backward_flops``."""
+
+    def formula(*args, **kwargs) -> int:
+        with mock.patch.object(flop_counter, "sdpa_backward_flop_count", attention_backward_flops):
+            return torch_formula(*args, **kwargs)
+
+    formula._get_raw = True  # takes the op's raw arguments, as torch's registered formula does
+    return formula
 
 
-def _cpu_sdpa_backend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> SDPBackend:
-    """The backend CPU SDPA picks for tensors shaped like these (its selector reads metadata, never the storage)."""
-
-    def on_cpu(t):
-        return None if t is None else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
-
-    choice = _aten._fused_sdp_choice(on_cpu(q), on_cpu(k), on_cpu(v), on_cpu(attn_mask), dropout_p, is_causal,
-                                     scale=scale, enable_gqa=enable_gqa)
-    return SDPBackend(choice)
+def counter() -> FlopCounterMode:
+    """A FlopCounterMode that counts attention by this module's one convention (module docstring)."""
+    mapping = {op: _without_recomputation(flop_counter.flop_registry[op]) for op in ATTENTION_BACKWARD_OPS}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,10 @@ def measure_step(step: StepInputs) -> StepFlops:
     Works on real devices and on "meta" (shapes only: no memory, no time); parameter gradients are cleared after.
     """
     batch_size = next(t for t in step.batch if isinstance(t, torch.Tensor)).shape[0]
-    on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in step.batch)
-    with _SdpaAsOnCpu() if on_meta else contextlib.nullcontext():
-        with FlopCounterMode(display=False) as forward_counter:
-            loss = step.loss_fn(step.module, step.batch)["loss"]  # (N,) per-sample loss
-        with FlopCounterMode(display=False) as backward_counter:
-            loss.mean().backward()
+    with counter() as forward_counter:
+        loss = step.loss_fn(step.module, step.batch)["loss"]  # (N,) per-sample loss
+    with counter() as backward_counter:
+        loss.mean().backward()
     step.module.zero_grad(set_to_none=True)
     return StepFlops(batch_size, forward_counter.get_total_flops(), backward_counter.get_total_flops())
 
@@ -133,9 +133,9 @@ def measure_step(step: StepInputs) -> StepFlops:
 def measure_forward(run: Callable[[], object]) -> int:
     """FLOPs of ``run()``, a forward without gradients on meta tensors (a sampling or feature-extraction call),
     counted as ``measure_step`` counts a training forward."""
-    with torch.no_grad(), _SdpaAsOnCpu(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), counter() as forward_counter:
         run()
-    return counter.get_total_flops()
+    return forward_counter.get_total_flops()
 
 
 def trainable_params(module: nn.Module) -> int:
@@ -172,7 +172,8 @@ EXAMPLES = """examples:
   ulbench flops ul-tiny --device cpu --json   # count on real CPU tensors (equal to meta)
 
 units: GMACs = 1e9 multiply-adds (DiT's and EDM2's "Gflops"); GFLOPs = 2 x multiply-adds.
-training = one forward + backward (about 3x forward), counted by FlopCounterMode on a real step."""
+training = one forward + backward (about 3x forward), counted by FlopCounterMode on a real step;
+attention is charged as its matmuls, backward 2x forward, for every method and kernel."""
 
 
 def cmd_flops(args) -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 
 from ul_model.io import atomic_write
 
-__all__ = ["atomic_write", "write_json"]
+__all__ = ["atomic_write", "fingerprint_id", "write_json"]
+
+
+def fingerprint_id(fp: object) -> str:
+    """A result row's protocol identity (``ulbench check`` and reports compare these): the metric fingerprint's
+    explicit id, else its fields without the inputs; plus the sampler that generated the images, when recorded."""
+    fp = fp if isinstance(fp, dict) else {}
+    ident = fp.get("id") or json.dumps({k: v for k, v in fp.items() if k not in ("inputs", "sampler")}, sort_keys=True)
+    return ident if "sampler" not in fp else f"{ident} sampler {json.dumps(fp['sampler'], sort_keys=True)}"
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:

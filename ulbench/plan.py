@@ -35,6 +35,8 @@ class MethodPlan:
     batch_size: dict[str, int]
     stage1_steps: int | None  # None for single-stage methods
     rung_steps: list[int]  # final-stage steps at each rung
+    sampler: dict = field(default_factory=dict)  # resolved (MethodSpec.sampler)
+    guidance: tuple[float, ...] = (1.0,)
     seconds_per_step: dict[str, float] = field(default_factory=dict)
     timing_note: str = ""
 
@@ -66,21 +68,21 @@ def _steps_for(budget: float, flops_per_step: float) -> int:
 
 
 def plan_method(suite, method) -> MethodPlan:
-    from ul_model.train import TrainConfig
     from ulbench.flops import measure_step, trainable_params
-    from ulbench.methods.base import apply_overrides
+    from ulbench.methods.base import recipe
 
     kind = get_kind(method.kind)
     config = method.config()
     stages = kind.stages_for(config)
-    runner_train = {stage: {"seed": suite.seeds.train, **method.train.get(stage, {})} for stage in stages}
+    runner_train = {stage: recipe(kind, config, stage, method.train.get(stage, {}), suite.seeds.train)
+                    for stage in stages}
     flops, macs, params, batch = {}, {}, {}, {}
     for stage in stages:
         step = kind.step_inputs(config, stage, FLOP_COUNT_BATCH, "meta")
         counted = measure_step(step)
         flops[stage], macs[stage] = counted.train_flops_per_image, counted.forward_macs_per_image
         params[stage] = trainable_params(step.module)
-        batch[stage] = apply_overrides(TrainConfig(), runner_train[stage]).batch_size
+        batch[stage] = runner_train[stage]["batch_size"]
     budgets = list(suite.budgets)
     stage1_steps = None
     s1_flops = 0.0
@@ -102,7 +104,7 @@ def plan_method(suite, method) -> MethodPlan:
                             f"both round to {rung_steps[i]} steps of {method.name} (batch {batch[final]}); spread "
                             "the ladder or lower the batch size")
     return MethodPlan(method.name, method.kind, method.preset, config, runner_train, tuple(stages), flops,
-                      macs, params, batch, stage1_steps, rung_steps)
+                      macs, params, batch, stage1_steps, rung_steps, method.sampler, method.guidance)
 
 
 def make_plan(suite) -> list[MethodPlan]:
@@ -169,9 +171,10 @@ def format_plan(suite, plans: list[MethodPlan], device: str) -> str:
              f"device {device}, precision {suite.precision}"),
              f"ladder ({suite.compute.counts} training FLOPs): " + ", ".join(f"{b:.3g}" for b in suite.budgets),
              (f"evaluation: {', '.join(ev.metrics)}; {ev.num_samples} samples, {ev.num_reconstructions} "
-             f"reconstructions, guidance {list(ev.guidance)}, reference {ev.reference}")]
+             f"reconstructions, reference {ev.reference}")]
     for p in plans:
-        lines.append(f"method {p.name}: kind {p.kind}, preset {p.preset}")
+        lines.append(f"method {p.name}: kind {p.kind}, preset {p.preset}; sampler "
+                     + ", ".join(f"{k} {v}" for k, v in p.sampler.items()) + f"; guidance {list(p.guidance)}")
         for stage in p.stages:
             lines.append(f"  {stage}: {p.params[stage] / 1e6:.2f}M trainable params, "
                          f"{p.forward_macs_per_image[stage] / 1e9:.4g} GMACs forward/image, "

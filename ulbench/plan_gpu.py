@@ -157,7 +157,7 @@ def method_hours(suite, plan: MethodPlan, extractor: Extractor) -> MethodHours:
     guidance != 1 [CFG: a conditional and an unconditional pass] + the feature network). Stage 1:
     num_reconstructions x (encoder + decoder steps + the rate's forward + the feature network for rFID / rFVD)."""
     ev, wanted, kind = suite.evaluation, set(suite.evaluation.metrics), get_kind(plan.kind)
-    calls = kind.evaluation_calls(plan.config, ev.sampler, FLOP_COUNT_BATCH, "meta")
+    calls = kind.evaluation_calls(plan.config, plan.sampler, FLOP_COUNT_BATCH, "meta")
     counted: dict[str, float] = {}
 
     def flops(call) -> float:
@@ -175,7 +175,7 @@ def method_hours(suite, plan: MethodPlan, extractor: Extractor) -> MethodHours:
         points.append(Point("stage1", f"0 -> {plan.stage1_steps}", plan.train_flops(None)["stage1"],
                             ev.num_reconstructions * per_reconstruction))
     if wanted & SAMPLE_METRICS:
-        for g in ev.guidance:
+        for g in plan.guidance:
             terms = [(c.name, (2, c.per_image) if c.guided and g != 1 else (c.per_image,), flops(c))
                      for c in calls["sample"]]
             per_sample[g], line = _per_image(f"per sample at guidance {g:g}",

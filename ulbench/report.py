@@ -23,7 +23,7 @@ from matplotlib.ticker import NullFormatter
 
 from ul_model.io import atomic_bytes
 from ulbench.errors import UserError
-from ulbench.io import atomic_write
+from ulbench.io import atomic_write, fingerprint_id
 from ulbench.published import load_published
 
 REQUIRED = ("method", "point", "metric", "metric_base", "value", "train_flops")
@@ -38,6 +38,8 @@ X_LABELS = {"stage2": "stage-2 training FLOPs (autoencoder excluded)",
             "total": "total training FLOPs (stage 1 autoencoder + stage 2)"}
 PUBLISHED_NOTE = ("published, not measured: FID-50K vs ADM reference statistics, a different protocol fingerprint "
                   "from this run's small-N FIDs; published compute excludes the autoencoder")
+RECIPES_NOTE = ("How each method was trained and sampled in this run; where it differs from what its authors published "
+                "(DiT, EDM2), the published setting follows in parentheses.")
 EXAMPLES = """examples:
   ulbench report runs/smoke/ci                      # into reports/smoke/
   ulbench report runs/imagenet512/main --out /tmp/r  # anywhere; index.html works when copied alone
@@ -112,6 +114,69 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns=lambda c: c.replace("train_flops_", "train FLOPs ") if c.startswith("train_") else c)
 
 
+def _lr_text(t: dict) -> str:
+    parts = [f"{t['lr']:g}"]
+    if t.get("warmup_steps", 0) > 0:
+        parts.append(f"warm-up {t['warmup_steps']} steps")
+    if t.get("lr_rampup_images", 0) > 0:
+        parts.append(f"ramp-up {t['lr_rampup_images']:.3g} img")
+    if t.get("lr_decay_batches", 0) > 0:
+        parts.append(f"1/sqrt decay after {t['lr_decay_batches']:.3g} batches")
+    return ", ".join(parts) if len(parts) > 1 else f"{parts[0]} constant"
+
+
+def _ema_text(t: dict) -> str:
+    stds = t.get("ema_stds") or []
+    if stds:
+        return f"power-function std {stds[0]:g}" + (f" (+ {', '.join(f'{s:g}' for s in stds[1:])} kept)"
+                                                      if len(stds) > 1 else "")
+    return f"exponential {t['ema_decay']:g}"
+
+
+RECIPE_COLUMNS = {  # column -> (text of a TrainConfig dict, the fields it shows)
+    "batch": (lambda t: str(t["batch_size"]), ("batch_size",)),
+    "lr schedule": (_lr_text, ("lr", "warmup_steps", "lr_rampup_images", "lr_decay_batches")),
+    "optimizer": (lambda t: f"Adam{'W' if t.get('weight_decay', 0) else ''} betas {tuple(t['betas'])}"
+                  + (f", wd {t['weight_decay']:g}" if t.get("weight_decay", 0) else ""), ("betas", "weight_decay")),
+    "grad clip": (lambda t: "none" if t["grad_clip"] <= 0 else f"{t['grad_clip']:g}", ("grad_clip",)),
+    "EMA": (_ema_text, ("ema_decay", "ema_stds")),
+}
+
+
+def _sampler_text(s: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in s.items()) if s else "-"
+
+
+def recipes_table(config: dict) -> pd.DataFrame:
+    """Per method and stage, the recipe the run trained and sampled with (config.json), each setting beside the
+    published one where the authors published it: ``used (published: x)`` marks a difference; ``-`` means the
+    authors published nothing for that stage (the harness's defaults)."""
+    rows = []
+    for name, m in (config.get("methods") or {}).items():
+        published = m.get("published") or {}
+        stages = list(m.get("train") or {})
+        for stage in stages:
+            used, pub = m["train"][stage], (published.get("train") or {}).get(stage) or {}
+            row = {"method": name, "stage": stage}
+            for col, (text, keys) in RECIPE_COLUMNS.items():
+                cell = text(used)
+                if pub and any(k in pub for k in keys):
+                    expected = text({**used, **pub})
+                    cell = cell if expected == cell else f"{cell} (published: {expected})"
+                row[col] = cell
+            row["as published"] = "-" if not pub else (
+                "yes" if all(json.dumps(used.get(k)) == json.dumps(v) for k, v in pub.items()) else "no")
+            final = stage == stages[-1]
+            sampler, pub_sampler = m.get("sampler") or {}, published.get("sampler") or {}
+            cell = _sampler_text(sampler) if final else ""
+            if final and pub_sampler and any(sampler.get(k) != v for k, v in pub_sampler.items()):
+                cell += f" (published: {_sampler_text(pub_sampler)})"
+            row["sampler"] = cell
+            row["guidance"] = ", ".join(f"{g:g}" for g in m.get("guidance") or []) if final else ""
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     # pandas' to_markdown needs `tabulate`, which is not a dependency of ulbench (and not installed here): write it.
     cells = [[str(c) for c in df.columns]] + [[str(v).replace("|", "\\|") for v in row] for row in df.to_numpy()]
@@ -119,16 +184,11 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([lines[0], "|" + "---|" * len(df.columns), *lines[1:]])
 
 
-def _fingerprint_id(fp) -> str:  # the identity ulbench.check uses: an explicit id, else the dict without its inputs
-    fp = fp if isinstance(fp, dict) else {}
-    return fp.get("id") or json.dumps({k: v for k, v in fp.items() if k != "inputs"}, sort_keys=True)
-
-
 def fingerprint_lines(df: pd.DataFrame) -> tuple[list[str], list[str]]:
     """One line per metric stating its protocol fingerprint, and a warning per metric whose rows disagree."""
     lines, warnings = [], []
     for metric, d in df.groupby("metric", sort=False):
-        ids = d["fingerprint"].map(_fingerprint_id)
+        ids = d["fingerprint"].map(fingerprint_id)
         if ids.nunique() == 1:
             lines.append(f"{metric}: fingerprint {ids.iloc[0]}")
             continue
@@ -303,7 +363,7 @@ def copy_grids(run_dir: Path, df: pd.DataFrame, out_dir: Path) -> tuple[dict, li
 
 
 def _html_page(config: dict, table: pd.DataFrame, fp_lines: list[str], warnings: list[str], pngs: dict,
-               published: pd.DataFrame | None, figure_note: str = "") -> str:
+               published: pd.DataFrame | None, figure_note: str = "", recipes: pd.DataFrame | None = None) -> str:
     e = html.escape
     info = "".join(f"<li><b>{k}</b>: {e(str(config.get(k)))}</li>" for k in ("suite", "git_commit", "created_at"))
     images = "".join(f"<h3>{e(name)}</h3><img alt='{e(name)}' src='data:image/png;base64,"
@@ -317,7 +377,9 @@ def _html_page(config: dict, table: pd.DataFrame, fp_lines: list[str], warnings:
             f"</style></head><body><h1>ulbench report: {e(config.get('suite', ''))}</h1><ul>{info}</ul>{warn}"
             f"<h2>Summary</h2>{table.to_html(index=False)}<h2>Protocol fingerprints</h2><ul>"
             + "".join(f"<li><code>{e(line)}</code></li>" for line in fp_lines)
-            + f"</ul><h2>Figures and sample grids</h2><p>{e(figure_note)}</p>{images}{pub}</body></html>\n")
+            + "</ul>" + ("" if recipes is None or recipes.empty else
+                         f"<h2>Recipes</h2><p>{e(RECIPES_NOTE)}</p>{recipes.to_html(index=False)}")
+            + f"<h2>Figures and sample grids</h2><p>{e(figure_note)}</p>{images}{pub}</body></html>\n")
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
@@ -360,16 +422,19 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         flat.to_csv(f, index=False)
     head = (f"run `{run_dir}`, git commit `{config.get('git_commit')}`, created {config.get('created_at')}; "
             f"train FLOPs per stage (plots use {counts}).")
+    recipes = recipes_table(config)
     md = [f"# ulbench report: {suite}", "", head, "",
           markdown_table(table), "", "## Protocol fingerprints", "", *[f"- {line}" for line in fp_lines],
           *[f"- **{w}**" for w in fp_warnings], ""]
+    if not recipes.empty:
+        md += ["## Recipes", "", RECIPES_NOTE, "", markdown_table(recipes), ""]
     if published is not None:
         md += [f"Published reference points ({pub_name}) are drawn on the plots: {PUBLISHED_NOTE}.", ""]
     with atomic_write(out_dir / "summary.md") as f:
         f.write("\n".join(md))
     with atomic_write(out_dir / "index.html") as f:
         f.write(_html_page(config, table, fp_lines, warnings, pngs, published,
-                           STRIP_NOTE if (resolved.get("dataset") or {}).get("frames") else ""))
+                           STRIP_NOTE if (resolved.get("dataset") or {}).get("frames") else "", recipes))
     paths.update({n: out_dir / n for n in ("results.csv", "summary.md", "index.html")})
     return {"paths": paths, "plotted": pd.concat(plotted, ignore_index=True) if plotted else pd.DataFrame(),
             "x_axis": counts, "x_label": X_LABELS[counts], "published_drawn": drawn, "warnings": warnings}

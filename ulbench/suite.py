@@ -88,8 +88,8 @@ class Suite:
         c = self.compute
         stage1 = {"fraction": c.stage1_fraction} if c.stage1_fraction is not None else {
             "train_flops": c.stage1_train_flops}
-        methods = [{"name": m.name, "kind": m.kind, "preset": m.preset, "overrides": m.overrides, "train": m.train}
-                   for m in self.methods]
+        methods = [{"name": m.name, "kind": m.kind, "preset": m.preset, "overrides": m.overrides, "train": m.train,
+                    "sampler": m.sampler, "guidance": m.guidance} for m in self.methods]
         return plain({"version": self.version, "name": self.name, "description": self.description,
                        "dataset": self.dataset.to_dict(), "methods": methods,
                        "compute": {"ladder": c.ladder, "counts": c.counts, "stage1": stage1},
@@ -273,11 +273,11 @@ def _read_suite(ck: Checker, data: dict) -> Suite:
     description = data.get("description", "")
     if not isinstance(description, str):
         ck.fail(("description",), f"expected a string, got {show(description)}")
+    evaluation = read_evaluation(ck, data.get("evaluation", {}), dataset)
     return Suite(
         version=version, name=ck.string(name, ("name",), SUITE_NAME), description=description, file=ck.file,
-        dataset=dataset, methods=read_methods(ck, data["methods"], dataset.resolution, dataset.frames),
-        compute=read_compute(ck, data["compute"]),
-        evaluation=read_evaluation(ck, data.get("evaluation", {}), dataset),
+        dataset=dataset, methods=read_methods(ck, data["methods"], dataset, evaluation),
+        compute=read_compute(ck, data["compute"]), evaluation=evaluation,
         seeds=SeedSpec(*(ck.integer(seeds.get(k, 0), ("seeds", k), 0) for k in ("train", "sample"))),
         device=device, precision=ck.choice(data.get("precision", "auto"), ("precision",), ("auto", "fp32", "bf16")),
         report=ReportSpec(None if published is None else ck.choice(published, ("report", "published"), PUBLISHED)))

@@ -10,7 +10,7 @@ import difflib
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -172,9 +172,10 @@ MAX_RUNGS = 1000  # a {start, factor, count} ladder longer than this is a typo, 
 # methods[].preset, compute.ladder; dataset.path when dataset.name is prepared or folder).
 DATASET_DEFAULTS = {"path": None, "split": "train", "subset": None, "class_conditional": False, "xflip": False,
                     "workers": 0, **VIDEO_DEFAULTS}
-METHOD_DEFAULTS = {"kind": "ul", "overrides": {}, "train": {}}
+METHOD_DEFAULTS = {"kind": "ul", "overrides": {}, "train": {}, "sampler": {}, "guidance": None}
 STAGE1_DEFAULT = {"fraction": 0.5}
-SAMPLER_DEFAULTS = {"method": "ancestral", "steps": 50, "decoder_steps": 50}
+SAMPLER_DEFAULTS = {"method": "ancestral", "steps": 50, "decoder_steps": 50, "guidance_interval": None}
+SAMPLER_METHODS = ("ancestral", "ddim")
 EVAL_DEFAULTS = {"metrics": None, "num_samples": 200, "num_reconstructions": 200, "reference": "dataset",
                  "reference_size": None, "sampler": SAMPLER_DEFAULTS, "guidance": [1.0], "bootstrap": 0,
                  "kid_subset_size": 100, "resize": "legacy", "batch_size": 50, "dataset": None}
@@ -215,6 +216,10 @@ class MethodSpec:
     overrides: dict  # nested, checked against the preset's config; values as the config holds them (lists for tuples)
     train: dict  # stage -> {TrainConfig field: value}; never steps (they follow from the compute budgets)
     resolution: int  # the dataset's: config() resolves the preset at it
+    # How it samples, resolved: the kind's published sampler (or the suite's evaluation.sampler when none is
+    # published), then methods[].sampler; only the kind's sampler_keys.
+    sampler: dict = field(default_factory=dict)
+    guidance: tuple[float, ...] = (1.0,)  # methods[].guidance, else evaluation.guidance
 
     def config(self) -> Any:
         from ulbench.methods import get_kind
@@ -243,7 +248,7 @@ class EvalSpec:
     num_reconstructions: int  # dataset images reconstructed for rfid/psnr/bits_per_pixel
     reference: str  # "dataset" or a path (ADM .npz statistics or an image folder)
     reference_size: int | None  # dataset images for the reference statistics; None: num_samples
-    sampler: dict  # {"method": ancestral|ddim, "steps": int, "decoder_steps": int}
+    sampler: dict  # UL's (SAMPLER_DEFAULTS); a kind with a published sampler uses that (MethodSpec.sampler)
     guidance: tuple[float, ...]
     bootstrap: int  # bootstrap repetitions for FID 95% CIs (0: none)
     kid_subset_size: int
@@ -323,11 +328,12 @@ def read_eval_dataset(ck: Checker, raw: Any, dataset: DatasetSpec) -> DatasetSpe
     return read_dataset(ck, {**dataset.to_dict(), **raw}, p)
 
 
-def read_methods(ck: Checker, raw: Any, resolution: int, frames: int = 0) -> tuple[MethodSpec, ...]:
-    """``frames``: the dataset's clip length (0: images); every method's preset must take such items."""
+def read_methods(ck: Checker, raw: Any, dataset: DatasetSpec, evaluation: EvalSpec) -> tuple[MethodSpec, ...]:
+    """Every method's preset must take the dataset's items (clips of ``dataset.frames``, or images)."""
     methods: list[MethodSpec] = []
+    frames = dataset.frames
     for i, item in enumerate(ck.sequence(raw, ("methods",), "methods (mappings with name, kind, preset)")):
-        m = _read_method(ck, item, ("methods", i), resolution)
+        m = _read_method(ck, item, ("methods", i), dataset, evaluation)
         preset_frames = getattr(m.config(), "frames", 0)
         if preset_frames != frames:
             what = lambda t: f"clips of {t} frames" if t else "images"  # noqa: E731
@@ -340,15 +346,64 @@ def read_methods(ck: Checker, raw: Any, resolution: int, frames: int = 0) -> tup
     return tuple(methods)
 
 
-def _read_method(ck: Checker, raw: Any, p: Key, resolution: int) -> MethodSpec:
+def _read_method(ck: Checker, raw: Any, p: Key, dataset: DatasetSpec, evaluation: EvalSpec) -> MethodSpec:
     from ulbench.methods import KINDS
 
     d = {**METHOD_DEFAULTS, **ck.mapping(raw, p, ("name", *METHOD_DEFAULTS, "preset"), ("name", "preset"))}
     name = ck.string(d["name"], (*p, "name"), METHOD_NAME)
     kind = KINDS[ck.choice(d["kind"], (*p, "kind"), list(KINDS))]
     preset = ck.choice(d["preset"], (*p, "preset"), list(kind.presets()))
+    resolution = dataset.resolution
     overrides = _read_overrides(ck, d["overrides"], (*p, "overrides"), kind, preset, resolution)
-    return MethodSpec(name, kind.name, preset, overrides, _read_train(ck, d["train"], (*p, "train"), kind), resolution)
+    spec = MethodSpec(name, kind.name, preset, overrides, _read_train(ck, d["train"], (*p, "train"), kind),
+                      resolution)
+    config = spec.config()
+    published = kind.sampler_recipe(config)
+    base = published or {k: v for k, v in evaluation.sampler.items() if k in kind.sampler_keys}
+    sampler = read_sampler(ck, {**base, **ck.mapping(d["sampler"], (*p, "sampler"), kind.sampler_keys)},
+                           (*p, "sampler"))
+    if d["guidance"] is None:
+        guidance, where = evaluation.guidance, ("evaluation", "guidance")
+    else:
+        guidance, where = read_guidance(ck, d["guidance"], (*p, "guidance")), (*p, "guidance")
+    for i, g in enumerate(guidance):
+        if g == 1.0:
+            continue
+        if not dataset.class_conditional:
+            ck.fail((*where, i), f"guidance {g:g} needs class labels, but dataset.class_conditional is false; use "
+                    "guidance [1.0] or a class-conditional dataset")
+        if not kind.trains_unconditional(config):
+            dropout = "diffusion" if kind.name == "ul" else "backbone"
+            ck.fail((*where, i), f"guidance {g:g} for method '{name}' ({preset}) would sample its unconditional "
+                    "branch, which it never trains (label dropout 0); give the method `guidance: [1.0]`, or train "
+                    f"the null class with `overrides: {{{dropout}: {{label_dropout: 0.1}}}}`")
+    return replace(spec, sampler=sampler, guidance=guidance)
+
+
+def read_sampler(ck: Checker, s: dict, p: Key) -> dict:
+    """Sampler settings (any of SAMPLER_DEFAULTS' keys), each checked; ``guidance_interval`` is [lo, hi] in
+    log-SNR (lo < hi) or null."""
+    out = {}
+    for key, value in s.items():
+        if key == "method":
+            out[key] = ck.choice(value, (*p, key), SAMPLER_METHODS)
+        elif key in ("steps", "decoder_steps"):
+            out[key] = ck.integer(value, (*p, key), 1)
+        elif key == "guidance_interval":
+            if value is not None:
+                pair = ck.sequence(value, (*p, key), "log-SNR bounds [lo, hi]")
+                if len(pair) != 2:
+                    ck.fail((*p, key), f"expected [lo, hi] in log-SNR, got {show(value)}")
+                lo, hi = (ck.number(v, (*p, key, j)) for j, v in enumerate(pair))
+                if not lo < hi:
+                    ck.fail((*p, key), f"lo {lo:g} is not below hi {hi:g}")
+                value = [lo, hi]
+            out[key] = value
+    return out
+
+
+def read_guidance(ck: Checker, raw: Any, p: Key) -> tuple[float, ...]:
+    return tuple(ck.number(g, (*p, i), at_least=0) for i, g in enumerate(ck.sequence(raw, p, "guidance scales")))
 
 
 def _read_overrides(ck: Checker, raw: Any, p: Key, kind: Any, preset: str, resolution: int) -> dict:
@@ -478,18 +533,15 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
                     f"(dataset {dataset.name})", allowed)
         if m in metrics[:i]:
             ck.fail((*p, "metrics", i), f"'{m}' is listed twice")
-    s = {**SAMPLER_DEFAULTS, **ck.mapping(d["sampler"], (*p, "sampler"), tuple(SAMPLER_DEFAULTS))}
-    sampler = {"method": ck.choice(s["method"], (*p, "sampler", "method"), ("ancestral", "ddim")),
-               "steps": ck.integer(s["steps"], (*p, "sampler", "steps"), 1),
-               "decoder_steps": ck.integer(s["decoder_steps"], (*p, "sampler", "decoder_steps"), 1)}
-    guidance = ck.sequence(d["guidance"], (*p, "guidance"), "guidance scales")
+    sampler = read_sampler(ck, {**SAMPLER_DEFAULTS, **ck.mapping(d["sampler"], (*p, "sampler"),
+                                                                 tuple(SAMPLER_DEFAULTS))}, (*p, "sampler"))
     return EvalSpec(
         metrics=tuple(metrics), num_samples=ck.integer(d["num_samples"], (*p, "num_samples"), 1),
         num_reconstructions=ck.integer(d["num_reconstructions"], (*p, "num_reconstructions"), 1),
         reference=ck.string(d["reference"], (*p, "reference")),
         reference_size=None if d["reference_size"] is None else ck.integer(d["reference_size"],
                                                                             (*p, "reference_size"), 1),
-        sampler=sampler, guidance=tuple(ck.number(g, (*p, "guidance", i), at_least=0) for i, g in enumerate(guidance)),
+        sampler=sampler, guidance=read_guidance(ck, d["guidance"], (*p, "guidance")),
         bootstrap=ck.integer(d["bootstrap"], (*p, "bootstrap"), 0),
         kid_subset_size=ck.integer(d["kid_subset_size"], (*p, "kid_subset_size"), 1),
         resize=ck.choice(d["resize"], (*p, "resize"), ("legacy", "clean")),

@@ -163,6 +163,8 @@ class Sweep:
             fingerprint: dict, wall_s: float, ci95=None, std=None, guidance=None, grid=None) -> dict:
         info = METRICS[metric]
         name = f"{metric}{n}" if metric in ("fid", "kid", "rfid", "fvd", "rfvd") else metric
+        if rung is not None:  # generated at a rung: how it was sampled is part of what was measured
+            fingerprint = {**fingerprint, "sampler": plan.sampler}
         return {"suite": self.suite.name, "run": self.run_dir.name, "method": plan.name, "kind": plan.kind,
                 "preset": plan.preset, "point": point, "budget_index": rung,
                 "budget_train_flops": None if rung is None else self.suite.budgets[rung], "metric": name,
@@ -228,7 +230,7 @@ class Sweep:
         def produce(lo: int, hi: int):
             xb = to_float(next(self.data.batches(hi, SAMPLE_BATCH, lo))[0])
             seeds = [self.suite.seeds.sample + i for i in range(lo, hi)]
-            recon = quantize_images(runner.reconstruct(xb, seeds, ev.sampler)).cpu()
+            recon = quantize_images(runner.reconstruct(xb, seeds, plan.sampler)).cpu()
             psnr = psnr_per_image(to_uint8(xb).permute(0, 2, 3, 1).numpy(), recon.permute(0, 2, 3, 1).numpy())
             return recon, {"psnr": psnr, "bits": runner.bits_per_pixel(xb, self.suite.seeds.sample + lo).numpy()}
 
@@ -273,7 +275,7 @@ class Sweep:
         def produce(lo: int, hi: int):
             seeds = [self.suite.seeds.sample + i for i in range(lo, hi)]
             labels = _sample_labels(len(seeds), lo, self.suite, self.data.num_classes)
-            return quantize_images(runner.sample(seeds, labels, ev.sampler, guidance)).cpu(), {}
+            return quantize_images(runner.sample(seeds, labels, plan.sampler, guidance)).cpu(), {}
 
         return self.sharded_images(path, ev.num_samples, produce, f"{plan.name} sample g={guidance}")[0]
 
@@ -283,7 +285,7 @@ class Sweep:
         ev, wanted, point = self.suite.evaluation, self.suite.evaluation.metrics, f"b{rung}"
         folder = self.run_dir / "methods" / plan.name / "points" / point
         rows = []
-        for g in ev.guidance:
+        for g in plan.guidance:
             t0 = time.perf_counter()
             images = self.generate(plan, runner, g, folder / f"samples_g{g:g}.npz")
             # Inception once per sample set: FID and KID both come from these features and the reference's
@@ -421,7 +423,8 @@ def create_run(suite_file: str, sets: list[str], runs_root: Path, name: str | No
     config = {"suite": suite.name, "suite_file": str(Path(suite_file).resolve()), "sets": list(sets),
               "resolved": suite.to_dict(),
               "methods": {p.name: {"kind": p.kind, "preset": p.preset, "config": _jsonable(p.config),
-                                   "train": p.train, "flops_per_image": p.flops_per_image,
+                                   "train": p.train, "sampler": p.sampler, "guidance": list(p.guidance),
+                                   "published": published_recipe(p), "flops_per_image": p.flops_per_image,
                                    "forward_macs_per_image": p.forward_macs_per_image, "params": p.params,
                                    "batch_size": p.batch_size, "stage1_steps": p.stage1_steps,
                                    "rung_steps": p.rung_steps} for p in plans},
@@ -470,6 +473,16 @@ def resume_run(run_dir: str | Path, progress: bool = True, methods: list[str] | 
     _setup_logging(run_dir)
     Sweep(suite, run_dir, progress).run(plans)
     return run_dir
+
+
+def published_recipe(plan: MethodPlan) -> dict:
+    """What the method's authors published of its recipe, as TrainConfig fields per stage and sampler settings
+    (empty where nothing is published: the harness's defaults apply); the report sets the run's recipe beside it."""
+    from ulbench.suite_schema import plain
+
+    kind = get_kind(plan.kind)
+    return plain({"train": {stage: kind.train_recipe(plan.config, stage) for stage in plan.stages},
+                  "sampler": kind.sampler_recipe(plan.config)})
 
 
 def _jsonable(config) -> dict:

@@ -189,14 +189,14 @@ class ClipEvaluation:
         n, folder = ev.num_samples, self.sweep.run_dir / "methods" / plan.name / "points" / point
         idx, real = evaluation_indices(n, len(self.data)), self.real(n)[0]
         rows = []
-        for g in ev.guidance:
+        for g in plan.guidance:
             t0 = time.perf_counter()
 
             def produce(lo: int, hi: int):
                 x, labels = self.clips(idx[lo:hi])
                 labels = labels if self.suite.dataset.class_conditional else torch.zeros_like(labels)
                 seeds = [self.suite.seeds.sample + i for i in range(lo, hi)]
-                out = quantize_images(runner.predict(x, seeds, labels, ev.sampler, g)).cpu()
+                out = quantize_images(runner.predict(x, seeds, labels, plan.sampler, g)).cpu()
                 future = (out[:, :, self.k:].permute(0, 2, 3, 4, 1).numpy(), np.asarray(real[lo:hi, self.k:]))
                 return out, {"psnr": psnr_per_frame(*future)}
 
@@ -223,7 +223,7 @@ class ClipEvaluation:
         def produce(lo: int, hi: int):
             x, _ = self.clips(idx[lo:hi])
             seeds = [self.suite.seeds.sample + i for i in range(lo, hi)]
-            recon = quantize_images(runner.reconstruct(x, seeds, ev.sampler)).cpu()
+            recon = quantize_images(runner.reconstruct(x, seeds, plan.sampler)).cpu()
             psnr = psnr_per_frame(recon.permute(0, 2, 3, 4, 1).numpy(), np.asarray(real[lo:hi]))
             return recon, {"psnr": psnr, "bits": runner.bits_per_pixel(x, self.suite.seeds.sample + lo).numpy()}
 

@@ -74,11 +74,17 @@ class MethodKind(Protocol):
     name: str
     stages: tuple[str, ...]  # training stages in order, e.g. ("stage1", "stage2")
     reconstructs: bool  # whether it has an autoencoder to reconstruct with (rFID, PSNR, bits/pixel)
+    sampler_keys: tuple[str, ...]  # the sampler settings its runner reads (suites: methods[].sampler)
 
     def presets(self) -> dict[str, Any]: ...
     def resolve(self, preset: str, overrides: dict, resolution: int | None = None,
                 num_classes: int | None = None) -> Any: ...
     def stages_for(self, config: Any) -> tuple[str, ...]: ...  # the stages this config trains (a subset of stages)
+    # the published recipe of a stage as ul_model.train.TrainConfig fields ({}: the harness's defaults)
+    def train_recipe(self, config: Any, stage: str) -> dict: ...
+    # the published sampler ({}: none published, the suite's evaluation.sampler applies)
+    def sampler_recipe(self, config: Any) -> dict: ...
+    def trains_unconditional(self, config: Any) -> bool: ...  # whether guidance has a trained null branch
     def step_inputs(self, config: Any, stage: str, batch_size: int, device: str | torch.device) -> StepInputs: ...
     def evaluation_calls(self, config: Any, sampler: dict, batch_size: int,
                          device: str | torch.device) -> dict[str, list[NetworkCall]]: ...  # "sample", "reconstruct"
@@ -134,13 +140,28 @@ def apply_overrides(config: Any, overrides: dict, prefix: str = "") -> Any:
 
 
 def stage_train_config(overrides: dict[str, dict], stage: str, steps: int, precision: str):
-    """ul_model's TrainConfig for one stage trained to ``steps``: the suite's settings for the stage on top of the
-    defaults. A sweep always checkpoints where it stops (every rung is evaluated from its checkpoint), so
-    ``checkpoint_every <= 0`` means "only there"."""
+    """ul_model's TrainConfig for one stage trained to ``steps``: ``overrides[stage]`` (the method's recipe with
+    the suite's settings on top, ``recipe``) on the defaults. A sweep always checkpoints where it stops (every rung
+    is evaluated from its checkpoint), so ``checkpoint_every <= 0`` means "only there"."""
     from ul_model.train import TrainConfig
 
     cfg = apply_overrides(TrainConfig(steps=steps, precision=precision), overrides.get(stage, {}))
     return cfg if cfg.checkpoint_every > 0 else dataclasses.replace(cfg, checkpoint_every=steps)
+
+
+def recipe(kind: MethodKind, config: Any, stage: str, suite_settings: dict, seed: int) -> dict:
+    """A stage's full training recipe, every TrainConfig field but ``steps`` (which budgets set): the harness's
+    defaults, then the kind's published recipe, then the suite's settings (``methods[].train.<stage>``; an
+    ``ema_decay`` there without ``ema_stds`` replaces a published power-function EMA by the exponential one)."""
+    from ul_model.train import TrainConfig
+
+    published = kind.train_recipe(config, stage)
+    if "ema_decay" in suite_settings and "ema_stds" not in suite_settings:
+        published = {k: v for k, v in published.items() if k != "ema_stds"}  # the suite chose the exponential EMA
+    cfg = apply_overrides(TrainConfig(seed=seed), {**published, **suite_settings})
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    out.pop("steps")
+    return out
 
 
 class RunnerBase:

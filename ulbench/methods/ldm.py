@@ -54,10 +54,13 @@ class LDM:
 
     stages = ("stage1", "stage2")
     reconstructs = True
+    sampler_keys = ("steps",)  # DiT's ancestral DDPM steps (respaced) or EDM2's Heun steps
 
-    def __init__(self, name: str, family: str, default_vae: str, tiny_vae: str, latent_norm: str):
+    def __init__(self, name: str, family: str, default_vae: str, tiny_vae: str, latent_norm: str,
+                 input_range: tuple[float, float] = (-1.0, 1.0)):
         self.name, self.family = name, family
         self.default_vae, self.tiny_vae, self.latent_norm = default_vae, tiny_vae, latent_norm
+        self.input_range = input_range  # what the default (SD) VAE is fed; the tiny VAE, trained here, gets [-1, 1]
 
     def _module(self):
         import importlib
@@ -72,7 +75,8 @@ class LDM:
         out = {}
         for name, bb in backbones.items():
             tiny = name.endswith("tiny")
-            vae = replace(VAE_PRESETS[self.tiny_vae if tiny else self.default_vae], latent_norm=self.latent_norm)
+            vae = replace(VAE_PRESETS[self.tiny_vae if tiny else self.default_vae], latent_norm=self.latent_norm,
+                          input_range=(-1.0, 1.0) if tiny else self.input_range)
             out[name] = LDMConfig(name, bb.latent_resolution * vae.downsample, vae, bb)
         return out
 
@@ -83,7 +87,10 @@ class LDM:
             # a user's folder fixes the VAE's shape and scale; the suite keeps its choice of normalization
             from baselines.kl_vae import config_for_folder
 
-            cfg = replace(cfg, vae=config_for_folder(cfg.vae.pretrained, latent_norm=cfg.vae.latent_norm))
+            v = cfg.vae  # the folder's shape and scale; the kind's (or suite's) normalization and input range
+            cfg = replace(cfg, vae=config_for_folder(v.pretrained, latent_norm=v.latent_norm, raw_mean=v.raw_mean,
+                                                     raw_std=v.raw_std, final_std=v.final_std,
+                                                     input_range=v.input_range))
         if resolution is not None:
             cfg = replace(cfg, resolution=resolution)
         if cfg.resolution % cfg.vae.downsample:
@@ -104,6 +111,17 @@ class LDM:
 
     def stages_for(self, config: LDMConfig) -> tuple[str, ...]:
         return ("stage2",) if config.vae.pretrained else self.stages
+
+    def train_recipe(self, config: LDMConfig, stage: str) -> dict:
+        """Stage 2: the backbone's published recipe. Stage 1 (the VAE): the harness's defaults; LDM's own recipe
+        (Adam (0.5, 0.9), patch-GAN, LPIPS) is not reproduced (kl_vae.KLVAEConfig)."""
+        return self._module().train_recipe(config.backbone) if stage == "stage2" else {}
+
+    def sampler_recipe(self, config: LDMConfig) -> dict:
+        return {"steps": config.backbone.sample_steps}  # DiT: 250 DDPM steps; EDM2: 32 Heun steps
+
+    def trains_unconditional(self, config: LDMConfig) -> bool:
+        return config.backbone.label_dropout > 0
 
     def step_inputs(self, config: LDMConfig, stage: str, batch_size: int, device) -> StepInputs:
         from baselines import kl_vae
@@ -202,7 +220,8 @@ class LDMRunner(RunnerBase):
 
     def latents(self):
         """Posterior mean and std of every training image, items (2, C, h, w), encoded once into a latent cache
-        keyed by the VAE's weights and the dataset."""
+        keyed by the VAE's weights, its input range and the dataset."""
+        from baselines import kl_vae
         from ulbench.assets import sha256_file
 
         if self._latents is None:
@@ -215,10 +234,11 @@ class LDMRunner(RunnerBase):
             vae = self.vae()
 
             def encode(x):
-                post = vae.encode(image_input(x.to(self.device))).latent_dist
+                post = kl_vae.posterior(vae, image_input(x.to(self.device)), self.config.vae.input_range)
                 return torch.stack([post.mean, post.std], 1)
 
-            self._latents = self.latent_set("kl-vae posterior mean, std", encoder, encode)
+            what = f"kl-vae posterior mean, std; input range {list(self.config.vae.input_range)}"
+            self._latents = self.latent_set(what, encoder, encode)
         return self._latents
 
     def latent_norm(self):
@@ -251,21 +271,24 @@ class LDMRunner(RunnerBase):
         labels = None if labels is None else labels.to(self.device)
         z = self.kind._module().generate(self.backbone(), self.config.backbone, seeds, labels, guidance,
                                          sampler["steps"])
-        return kl_vae.decode(self.vae(), self.latent_norm().denormalize(z))
+        return kl_vae.decode(self.vae(), self.latent_norm().denormalize(z), self.config.vae.input_range)
 
     def reconstruct(self, x: torch.Tensor, seeds: list[int], sampler: dict) -> torch.Tensor:
         from baselines import kl_vae
 
-        return kl_vae.decode(self.vae(), kl_vae.encode(self.vae(), x.to(self.device)))
+        r = self.config.vae.input_range
+        return kl_vae.decode(self.vae(), kl_vae.encode(self.vae(), x.to(self.device), input_range=r), r)
 
     @torch.no_grad()
     def bits_per_pixel(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         """The VAE's KL term in bits per pixel (protocols.md: reported like UL's rate)."""
         from baselines import kl_vae
 
-        return kl_vae.kl_bits_per_pixel(self.vae(), x.to(self.device)).float().cpu()
+        return kl_vae.kl_bits_per_pixel(self.vae(), x.to(self.device), self.config.vae.input_range).float().cpu()
 
 
 def kinds() -> list[LDM]:
-    return [LDM("dit", "dit", "kl-f8", "kl-f4-tiny", "scale"), LDM("edm2", "edm2", "kl-f8", "kl-f4-tiny", "standardize")]
+    # DiT feeds SD's VAE [-1, 1] (its 0.18215 was measured so); EDM2 fed it [0, 1] when measuring raw_mean/raw_std
+    return [LDM("dit", "dit", "kl-f8", "kl-f4-tiny", "scale"),
+            LDM("edm2", "edm2", "kl-f8", "kl-f4-tiny", "standardize", input_range=(0.0, 1.0))]
 

@@ -16,10 +16,18 @@ def stage2_latent_name(cfg) -> str:
     return f"ul z_clean + context latent ({cfg.context_frames} frames)" if cfg.video else "ul z_clean"
 
 
+def _interval(sampler: dict) -> tuple[float, float] | None:
+    """The sampler's guidance interval [lo, hi] in log-SNR (None: guidance at every step)."""
+    interval = sampler.get("guidance_interval")
+    return None if interval is None else (float(interval[0]), float(interval[1]))
+
+
 class UL:
     name = "ul"
     stages = ("stage1", "stage2")
     reconstructs = True
+    # ul_model.sampling: ancestral | ddim, base-model and decoder steps, guidance only inside a log-SNR interval
+    sampler_keys = ("method", "steps", "decoder_steps", "guidance_interval")
 
     def presets(self) -> dict[str, Any]:
         from ul_model.config import PRESETS
@@ -37,6 +45,15 @@ class UL:
 
     def stages_for(self, config: Any) -> tuple[str, ...]:
         return self.stages
+
+    def train_recipe(self, config: Any, stage: str) -> dict:
+        return {}  # the paper states no optimizer settings (ul-method.md section 4): TrainConfig's [choice] values
+
+    def sampler_recipe(self, config: Any) -> dict:
+        return {}  # the paper's step counts are not stated: the suite's evaluation.sampler
+
+    def trains_unconditional(self, config: Any) -> bool:
+        return config.diffusion.label_dropout > 0
 
     def step_inputs(self, config: Any, stage: str, batch_size: int, device: str | torch.device) -> StepInputs:
         """A real training step of one stage on random inputs of the right shape (stage 2: latents + labels)."""
@@ -114,7 +131,7 @@ class ULRunner(RunnerBase):
         labels = None if labels is None else labels.to(self.device)
         return self._model("stage2").generate(seeds, labels, steps=sampler["steps"],
                                               decoder_steps=sampler["decoder_steps"], guidance=guidance,
-                                              method=sampler["method"])
+                                              guidance_interval=_interval(sampler), method=sampler["method"])
 
     def predict(self, context: torch.Tensor, seeds: list[int], labels: torch.Tensor | None, sampler: dict,
                 guidance: float) -> torch.Tensor:
@@ -122,7 +139,8 @@ class ULRunner(RunnerBase):
         labels = None if labels is None else labels.to(self.device)
         return self._model("stage2").generate(seeds, labels, steps=sampler["steps"],
                                               decoder_steps=sampler["decoder_steps"], guidance=guidance,
-                                              method=sampler["method"], context=context.to(self.device))
+                                              guidance_interval=_interval(sampler), method=sampler["method"],
+                                              context=context.to(self.device))
 
     def reconstruct(self, x: torch.Tensor, seeds: list[int], sampler: dict) -> torch.Tensor:
         return self._model("stage1").reconstruct(x.to(self.device), seeds, steps=sampler["decoder_steps"],
