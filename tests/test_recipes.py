@@ -220,3 +220,13 @@ def test_method_sampler_keys_are_the_kinds(tmp_path):
         load_suite(path)
     path.write_text(GUIDED % ("true", "ul", "ul-tiny", ", sampler: {guidance_interval: [-1, 2.5]}"))
     assert load_suite(path).methods[0].sampler["guidance_interval"] == [-1.0, 2.5]
+
+
+def test_the_sampler_is_part_of_a_results_protocol_identity():
+    """`ulbench check` calls a change of sampler (steps, guidance interval) a PROTOCOL change, not a regression."""
+    from ulbench.io import fingerprint_id
+
+    fid = {"id": "abc", "inputs": ["x"]}
+    a = fingerprint_id({**fid, "sampler": {"steps": 32, "guidance_interval": None}})
+    b = fingerprint_id({**fid, "sampler": {"steps": 32, "guidance_interval": [-1.0, 2.0]}})
+    assert a != b and a.startswith("abc") and fingerprint_id(fid) == "abc"
