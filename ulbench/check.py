@@ -1,6 +1,7 @@
 """Regression checks: a run's metrics against a committed baseline file with stated tolerances.
 
-``ulbench baseline RUN -o FILE`` writes the baseline from a real run (values are measured, never typed in);
+``ulbench baseline RUN -o FILE`` writes the baseline from a real run (values are measured, never typed in; with
+``--spread RUN2 RUN3`` each metric's tolerance is set from the measured seed-to-seed spread);
 ``ulbench check RUN --baseline FILE`` fails (exit 1) with a readable table when a metric moved past its tolerance
 in the bad direction (``higher_is_better``; two-sided when it is null), is missing, or was measured under another
 protocol fingerprint.
@@ -31,19 +32,44 @@ def _fingerprint_id(row: dict) -> str:
     return fingerprint_id(row.get("fingerprint"))
 
 
-def write_baseline(run_dir: str | Path, out: str | Path, tolerances: dict | None = None) -> dict:
-    run_dir = Path(run_dir)
+SPREAD_FACTOR = 3.0  # allowed = this x the largest seed-to-seed deviation measured (--spread) [choice]
+
+
+def _rows_of(run_dir: Path) -> list[dict]:
     rows = ResultsStore(run_dir / "results.jsonl").rows
     if not rows:
         raise UserError(f"{run_dir / 'results.jsonl'}: no results to make a baseline from")
+    return rows
+
+
+def write_baseline(run_dir: str | Path, out: str | Path, tolerances: dict | None = None,
+                   spread: list[str | Path] = (), factor: float = SPREAD_FACTOR) -> dict:
+    """The baseline file of a run. ``spread``: runs of the same suite under other seeds; each metric then gets its
+    own allowed movement, ``factor`` x the largest deviation of those runs from this one (the metric's default
+    tolerance when it is larger is not used: the measured spread decides), and every spread run must have it."""
+    run_dir = Path(run_dir)
+    rows = _rows_of(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
+    others = [{_key(r): r for r in _rows_of(Path(s))} for s in spread]
+    metrics = []
+    for r in rows:
+        entry = {"method": r["method"], "point": r["point"], "metric": r["metric"], "metric_base": r["metric_base"],
+                 "guidance": r.get("guidance"), "value": r["value"], "higher_is_better": r["higher_is_better"],
+                 "fingerprint_id": _fingerprint_id(r)}
+        if others:
+            missing = [str(s) for s, o in zip(spread, others) if _key(r) not in o]
+            if missing:
+                raise UserError(f"{', '.join(missing)}: no {r['method']}/{r['point']}/{r['metric']}; spread runs "
+                                f"must be of the same suite as {run_dir}")
+            deviations = [abs(o[_key(r)]["value"] - r["value"]) for o in others]
+            entry["spread"] = {"deviations": deviations, "factor": factor}
+            # a floor of 0.1% of the value: float differences between machines, were the seeds to agree by chance
+            entry["allowed"] = max(factor * max(deviations), 1e-3 * abs(r["value"]))
+        metrics.append(entry)
     baseline = {"suite": config["suite"], "made_from": {"run": str(run_dir), "git_commit": config.get("git_commit"),
-                                                        "created_at": config.get("created_at")},
-                "tolerances": tolerances or DEFAULT_TOLERANCES,
-                "metrics": [{"method": r["method"], "point": r["point"], "metric": r["metric"],
-                             "metric_base": r["metric_base"], "guidance": r.get("guidance"), "value": r["value"],
-                             "higher_is_better": r["higher_is_better"], "fingerprint_id": _fingerprint_id(r)}
-                            for r in rows]}
+                                                        "created_at": config.get("created_at"),
+                                                        "spread_runs": [str(s) for s in spread]},
+                "tolerances": tolerances or DEFAULT_TOLERANCES, "metrics": metrics}
     write_json(out, baseline)
     return baseline
 
@@ -67,10 +93,13 @@ def compare(run_dir: str | Path, baseline_path: str | Path) -> tuple[bool, list[
     current = {_key(r): r for r in ResultsStore(Path(run_dir) / "results.jsonl").rows}
     out = []
     for b in baseline["metrics"]:
-        tol = baseline["tolerances"].get(b["metric_base"])
-        if tol is None:
-            raise UserError(f"{baseline_path}: no tolerance for metric '{b['metric_base']}' under 'tolerances'")
-        allowed = max(tol.get("abs", 0.0), tol.get("rel", 0.0) * abs(b["value"]))
+        if "allowed" in b:  # measured from the seed-to-seed spread (write_baseline's spread runs)
+            allowed = b["allowed"]
+        else:
+            tol = baseline["tolerances"].get(b["metric_base"])
+            if tol is None:
+                raise UserError(f"{baseline_path}: no tolerance for metric '{b['metric_base']}' under 'tolerances'")
+            allowed = max(tol.get("abs", 0.0), tol.get("rel", 0.0) * abs(b["value"]))
         entry = {**{k: b[k] for k in ("method", "point", "metric", "guidance")}, "baseline": b["value"],
                  "allowed": allowed}
         r = current.get(_key(b))

@@ -17,7 +17,9 @@ RUN_EXAMPLES = """examples:
 CHECK_EXAMPLES = """examples:
   ulbench check runs/smoke/ci --baseline reports/baselines/smoke.json   # exit 1 and a diff table on regression"""
 BASELINE_EXAMPLES = """examples:
-  ulbench baseline runs/smoke/ci -o reports/baselines/smoke.json   # measured values + default tolerances"""
+  ulbench baseline runs/smoke/ci -o reports/baselines/smoke.json   # measured values + default tolerances
+  ulbench baseline runs/smoke/s0 -o reports/baselines/smoke.json --spread runs/smoke/s1 runs/smoke/s2
+                                                                   # tolerances from the seed-to-seed spread"""
 
 
 def cmd_run(args) -> int:
@@ -119,10 +121,13 @@ def cmd_check(args) -> int:
 
 
 def cmd_baseline(args) -> None:
-    from ulbench.check import write_baseline
+    from ulbench.check import SPREAD_FACTOR, write_baseline
 
-    b = write_baseline(args.run, args.output)
-    print(f"wrote {args.output}: {len(b['metrics'])} metrics from {args.run}")
+    factor = SPREAD_FACTOR if args.factor is None else args.factor
+    b = write_baseline(args.run, args.output, spread=args.spread, factor=factor)
+    how = f"tolerances {factor:g} x the spread of {len(args.spread)} other seeds" if args.spread else \
+        "default tolerances"
+    print(f"wrote {args.output}: {len(b['metrics'])} metrics from {args.run} ({how})")
 
 
 def cmd_ls_suites(args) -> None:
@@ -190,6 +195,11 @@ def register(sub, lsub) -> None:
                        formatter_class=fmt)
     p.add_argument("run")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--spread", nargs="+", default=[], metavar="RUN",
+                   help="runs of the same suite under other seeds: each metric's tolerance is --factor x its largest "
+                        "deviation from RUN among them")
+    p.add_argument("--factor", type=float, default=None,
+                   help="multiple of the measured spread (default: ulbench.check.SPREAD_FACTOR, 3)")
     p.set_defaults(func=cmd_baseline)
     p = lsub.add_parser("suites", help="suite files in a folder", description="List suite files with descriptions.",
                         epilog="examples:\n  ulbench ls suites\n  ulbench ls suites --dir my_suites/",
