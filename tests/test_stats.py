@@ -100,3 +100,29 @@ def test_bootstrap_interval_covers_estimate_and_shrinks_with_n():
         assert bias > 0  # resampling with replacement inflates FID
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2
+
+
+def test_nearest_centroid_accuracy_closed_form():
+    """Two well separated classes: samples drawn at their own class mean score 1, at the other class's mean 0, half
+    and half 0.5; a class the reference lacks counts as a miss."""
+    from ulbench.metrics.stats import nearest_centroid_accuracy
+
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.normal(0, 1, (50, 8)), rng.normal(10, 1, (50, 8))])
+    ref_labels = np.repeat([0, 1], 50)
+    samples = np.concatenate([rng.normal(0, 1, (20, 8)), rng.normal(10, 1, (20, 8))])
+    assert nearest_centroid_accuracy(samples, np.repeat([0, 1], 20), ref, ref_labels) == 1.0
+    assert nearest_centroid_accuracy(samples, np.repeat([1, 0], 20), ref, ref_labels) == 0.0
+    assert nearest_centroid_accuracy(samples, np.tile([0, 1], 20), ref, ref_labels) == 0.5
+    assert nearest_centroid_accuracy(samples[:4], np.array([0, 0, 2, 2]), ref, ref_labels) == 0.5
+
+
+def test_photos_are_labelled_by_their_source_photo():
+    """The bundled-photo crops carry the photo they were cut from (9 classes); the same pixels as before."""
+    from ulbench.data import photos
+    from ulbench.metrics.images import BUNDLED_PHOTOS, photo_crops
+
+    ds = photos(32, n=64)
+    crops, sources = photo_crops(12345, 64, size=128, sources=True)
+    assert ds.num_classes == len(BUNDLED_PHOTOS) == 9 and ds.labels.tolist() == sources.tolist()
+    assert len(set(sources.tolist())) > 5 and np.array_equal(crops, photo_crops(12345, 64, size=128))

@@ -524,15 +524,20 @@ def _read_ladder(ck: Checker, raw: Any, p: Key) -> tuple[float, ...]:
 def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
     p = ("evaluation",)
     d = {**EVAL_DEFAULTS, **ck.mapping(raw, p, tuple(EVAL_DEFAULTS))}
-    allowed = metrics_for(dataset.video)
+    allowed = metrics_for(dataset.video, dataset.class_conditional)
     metrics = allowed if d["metrics"] is None else ck.sequence(d["metrics"], (*p, "metrics"), "metric names")
     for i, m in enumerate(metrics):
         ck.choice(m, (*p, "metrics", i), list(METRICS))
+        if m not in allowed and METRICS[m].conditional and not dataset.class_conditional:
+            ck.fail((*p, "metrics", i), f"'{m}' needs class labels: set dataset.class_conditional: true")
         if m not in allowed:
             ck.fail((*p, "metrics", i), f"'{m}' is not defined on {'clips' if dataset.video else 'images'} "
                     f"(dataset {dataset.name})", allowed)
         if m in metrics[:i]:
             ck.fail((*p, "metrics", i), f"'{m}' is listed twice")
+    if "class_acc" in metrics and d["reference"] != "dataset":
+        ck.fail((*p, "metrics", list(metrics).index("class_acc")), "class_acc needs labelled reference images: "
+                "reference: dataset (a statistics file or folder has no labels)")
     sampler = read_sampler(ck, {**SAMPLER_DEFAULTS, **ck.mapping(d["sampler"], (*p, "sampler"),
                                                                  tuple(SAMPLER_DEFAULTS))}, (*p, "sampler"))
     return EvalSpec(

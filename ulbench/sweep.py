@@ -290,7 +290,7 @@ class Sweep:
             images = self.generate(plan, runner, g, folder / f"samples_g{g:g}.npz")
             # Inception once per sample set: FID and KID both come from these features and the reference's
             a = self.evaluator.set_stats(images, keep_features=True)
-            b = self.evaluator.set_stats(self.reference(), keep_features="kid" in wanted)
+            b = self.evaluator.set_stats(self.reference(), keep_features=bool({"kid", "class_acc"} & set(wanted)))
             if not dist.is_main():
                 continue
             save_grid(images, folder / f"grid_g{g:g}.png")
@@ -305,7 +305,24 @@ class Sweep:
                 fp = self.fingerprint(r["fingerprint"])
                 rows.append(self.row(plan, point, rung, "kid", r["kid_mean"], r["n"], fp,
                                      time.perf_counter() - t0, std=r["kid_std"], guidance=g, grid=grid))
+            if "class_acc" in wanted:
+                rows.append(self.class_accuracy(plan, rung, a.features, b.features, g, time.perf_counter() - t0, grid))
         return rows
+
+    def class_accuracy(self, plan: MethodPlan, rung: int, features, reference, guidance: float, wall_s: float,
+                       grid: str) -> dict:
+        """class_acc: sample i was drawn for class i mod classes (``_sample_labels``); the reference images (the
+        first reference_size dataset images) carry their dataset labels."""
+        from ulbench.metrics.stats import nearest_centroid_accuracy
+
+        labels = _sample_labels(len(features), 0, self.suite, self.data.num_classes)
+        ref_labels = np.asarray(self.data.labels)[:len(reference)]
+        acc = nearest_centroid_accuracy(features, labels, reference, ref_labels)
+        fp = self.fingerprint({"metric": "class_acc", "features": "inception-v3-compat pool3 (FID's)",
+                               "rule": "nearest class mean, Euclidean", "n": len(features),
+                               "classes": self.data.num_classes})
+        return self.row(plan, f"b{rung}", rung, "class_acc", acc, len(features), fp, wall_s, guidance=guidance,
+                        grid=grid)
 
     def done(self, method: str, point: str) -> bool:
         """Whether a point's rows are stored, as rank 0 sees it (every rank takes the same branch)."""

@@ -42,10 +42,15 @@ def fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR) -> Memor
 
 
 def photos(resolution: int = 32, n: int = PHOTO_TRAIN_CROPS, seed: int = PHOTO_SEED) -> MemoryDataset:
-    """Random crops of the bundled photos, area-downsampled 4x to ``resolution`` (unconditional: label 0)."""
-    crops = torch.from_numpy(photo_crops(seed, n, size=4 * resolution)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    x = torch.nn.functional.interpolate(crops, size=resolution, mode="area")
-    return MemoryDataset("photos", x, torch.zeros(n, dtype=torch.long), 1)
+    """Random crops of the bundled photos, area-downsampled 4x to ``resolution``; the label of a crop is the photo
+    it was cut from (9 classes: a class-conditional suite learns which photo to draw from; unconditional suites drop
+    the labels)."""
+    from ulbench.metrics.images import BUNDLED_PHOTOS
+
+    crops, sources = photo_crops(seed, n, size=4 * resolution, sources=True)
+    x = torch.nn.functional.interpolate(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1,
+                                        size=resolution, mode="area")
+    return MemoryDataset("photos", x, torch.from_numpy(sources), len(BUNDLED_PHOTOS))
 
 
 def write_photo_tree(out: str | Path, n: int, min_side: int, max_side: int, classes: int = 2, seed: int = 0,

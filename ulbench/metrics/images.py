@@ -160,20 +160,24 @@ def dataset_source(dataset, limit: int | None = None, name: str | None = None) -
                        resolution=(dataset.resolution, dataset.resolution))
 
 
-def photo_crops(seed: int, n: int = PHOTO_CROP_COUNT, size: int = PHOTO_CROP_SIZE) -> np.ndarray:
-    """``n`` random ``size`` x ``size`` crops of the bundled scikit-image photos, deterministic in ``seed``."""
+def photo_crops(seed: int, n: int = PHOTO_CROP_COUNT, size: int = PHOTO_CROP_SIZE,
+                sources: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``n`` random ``size`` x ``size`` crops of the bundled scikit-image photos, deterministic in ``seed``; with
+    ``sources``, also the index into BUNDLED_PHOTOS of the photo each crop was cut from (n,)."""
     import skimage
 
     folder = Path(skimage.__file__).parent / "data"
     photos = [_decode(folder / name) for name in BUNDLED_PHOTOS]
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), np.uint8)
+    which = np.empty(n, np.int64)
     for i in range(n):
-        img = photos[rng.integers(len(photos))]
+        which[i] = rng.integers(len(photos))
+        img = photos[which[i]]
         y = rng.integers(0, img.shape[0] - size + 1)
         x = rng.integers(0, img.shape[1] - size + 1)
         out[i] = img[y: y + size, x: x + size]
-    return out
+    return (out, which) if sources else out
 
 
 def resolve_source(spec: str | os.PathLike | np.ndarray | torch.Tensor | Iterable, limit: int | None = None) -> ImageSource:

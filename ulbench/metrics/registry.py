@@ -11,12 +11,16 @@ class MetricInfo:
     needs: str  # "samples" (generated images) or "reconstructions" (dataset images through the autoencoder)
     description: str
     data: str = "both"  # "image", "video" or "both": the datasets it is defined on
+    conditional: bool = False  # defined on class-conditional datasets only
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("fid", False, "samples", "Frechet Inception Distance of generated samples vs the reference", "image"),
     MetricInfo("kid", False, "samples", "Kernel Inception Distance (unbiased at small N) of samples vs the reference",
                "image"),
+    MetricInfo("class_acc", True, "samples", "class-conditional: fraction of samples whose nearest class centroid "
+               "(Inception pool features of the reference images of each class) is the class they were drawn for",
+               "image", conditional=True),
     MetricInfo("rfid", False, "reconstructions", "FID of autoencoder reconstructions vs their originals", "image"),
     MetricInfo("psnr", True, "reconstructions", "PSNR (uint8, range 255) of reconstructions vs originals, in dB "
                "(clips: per frame, then the mean)"),
@@ -40,6 +44,8 @@ def needing(what: str) -> set[str]:
     return {m for m, info in METRICS.items() if info.needs == what}
 
 
-def metrics_for(video: bool) -> list[str]:
-    """The metrics defined on image (or video) datasets, in registry order: a suite's default list."""
-    return [m.name for m in METRICS.values() if m.data in ("both", "video" if video else "image")]
+def metrics_for(video: bool, conditional: bool = False) -> list[str]:
+    """The metrics defined on image (or video), unconditional (or class-conditional) datasets, in registry order: a
+    suite's default list."""
+    return [m.name for m in METRICS.values() if m.data in ("both", "video" if video else "image")
+            and (conditional or not m.conditional)]

@@ -183,3 +183,16 @@ def bootstrap_frechet(
     bias = float(values.mean() - point)
     lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     return float(lo - bias), float(hi - bias), bias
+
+
+def nearest_centroid_accuracy(features: torch.Tensor | np.ndarray, labels, reference: torch.Tensor | np.ndarray,
+                              reference_labels) -> float:
+    """Fraction of ``features`` (N, D) whose nearest class centroid (Euclidean, float64) among the means of
+    ``reference`` (M, D) per label is their own label: whether class-conditional samples look like their class. A
+    class absent from the reference counts as a miss for its samples."""
+    f, r = (torch.as_tensor(np.asarray(x), dtype=torch.float64) for x in (features, reference))
+    y, ry = (torch.as_tensor(np.asarray(x), dtype=torch.long) for x in (labels, reference_labels))
+    classes = torch.unique(ry)
+    centroids = torch.stack([r[ry == c].mean(0) for c in classes])  # (K, D)
+    nearest = classes[torch.cdist(f, centroids).argmin(1)]  # (N,)
+    return float((nearest == y).double().mean())
