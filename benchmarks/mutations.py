@@ -33,30 +33,37 @@ class Mutation:
     file: str
     old: str
     new: str
+    # the suite's methods whose code path contains the change (None: all); the others are not rerun, as their
+    # results cannot move (the SD-latent baselines use nothing of ul_model but SampleNoise and the training loop)
+    methods: tuple[str, ...] | None = None
+
+
+UL_ONLY = ("ul",)
 
 
 MUTATIONS = (
     Mutation("sampler-sign-flip", "the samplers read the network's v prediction with the wrong sign",
              "ul_model/sampling.py", "    return x_from_v(z, v, alpha, sigma), eps_from_v(z, v, alpha, sigma)",
-             "    return x_from_v(z, -v, alpha, sigma), eps_from_v(z, -v, alpha, sigma)"),
+             "    return x_from_v(z, -v, alpha, sigma), eps_from_v(z, -v, alpha, sigma)", UL_ONLY),
     Mutation("decoder-endpoint", "the decoder's schedule ends at the prior's log-SNR (5) instead of its own (15)",
              "ul_model/model.py",
              "LogSNRSchedule(d.decoder_lambda_min, d.decoder_lambda_max, shift, shift_end)",
-             "LogSNRSchedule(d.decoder_lambda_min, d.lambda_z0, shift, shift_end)"),
+             "LogSNRSchedule(d.decoder_lambda_min, d.lambda_z0, shift, shift_end)", UL_ONLY),
     Mutation("labels-shuffled", "training batches pair each image with another image's label",
              "ulbench/data/loader.py",
              "        return ((dataset.images[idx], dataset.labels_tensor[idx]) for idx in sampler)",
              "        return ((dataset.images[idx], dataset.labels_tensor[idx].roll(1)) for idx in sampler)"),
     Mutation("encoder-detached", "the encoder's output is detached: no gradient reaches the encoder",
              "ul_model/model.py", "        z_clean = self.encoder(x)\n        return z_clean, losses.encode_z0(",
-             "        z_clean = self.encoder(x).detach()\n        return z_clean, losses.encode_z0("),
+             "        z_clean = self.encoder(x).detach()\n        return z_clean, losses.encode_z0(", UL_ONLY),
     Mutation("ema-frozen", "the exponential EMA is never updated (evaluation sees the initial weights)",
              "ul_model/ema.py", "    def update(self, model: nn.Module, nimg: float = 0, batch_size: int = 0) -> None:\n"
              "        _blend(self.shadow, model, self.decay)",
              "    def update(self, model: nn.Module, nimg: float = 0, batch_size: int = 0) -> None:\n"
              "        pass"),
     Mutation("schedule-off-by-one", "the sampler's step loop stops one step early (the last step to t = 0 skipped)",
-             "ul_model/sampling.py", "    for t, s in zip(ts[:-1], ts[1:]):", "    for t, s in zip(ts[:-2], ts[1:-1]):"),
+             "ul_model/sampling.py", "    for t, s in zip(ts[:-1], ts[1:]):", "    for t, s in zip(ts[:-2], ts[1:-1]):",
+             UL_ONLY),
 )
 
 
@@ -88,28 +95,39 @@ def run_one(name: str, mutation: Mutation | None, suite: str, baseline: str, wor
     if mutation is not None:
         apply(mutation, root)
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cli = [sys.executable, "-m", "ulbench"]
+    methods = None if mutation is None else mutation.methods
+    # `ulbench run SUITE`, restricted to ``methods`` (the launchers' own entry points: create_run, resume_run)
+    script = ("import sys; from pathlib import Path; from ulbench.sweep import create_run, resume_run; "
+              "resume_run(create_run(sys.argv[1], [], Path('runs'), sys.argv[2]), progress=False, "
+              "methods=None if sys.argv[3] == '-' else sys.argv[3].split(','))")
     t0 = time.perf_counter()
-    run = subprocess.run([*cli, "run", suite, "--name", name], cwd=root, env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", script, suite, name, ",".join(methods) if methods else "-"],
+                         cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     row = {"mutation": name, "what": mutation.what if mutation else "unmodified code (control)",
-           "file": mutation.file if mutation else "", "wall_s": round(wall, 1)}
+           "file": mutation.file if mutation else "", "methods": list(methods) if methods else "all",
+           "wall_s": round(wall, 1)}
     if run.returncode != 0:  # a crash is caught too: the suite did not produce results
         return row | {"caught": True, "how": f"the run failed (exit {run.returncode}): "
                                             f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ''}"}
     from ulbench.check import compare  # this checkout's (no mutation touches the check)
 
     passed, entries = compare(root / "runs" / Path(suite).stem / name, root / baseline)
+    if methods:  # only the rerun methods' entries (the others are absent by design, not MISSING)
+        entries = [e for e in entries if e["method"] in methods]
+        passed = all(e["status"] in ("ok", "improved") for e in entries)
     flagged = [f"{e['method']}/{e['point']}/{e['metric']} {e['status']}" for e in entries
                if e["status"] not in ("ok", "improved")]
     return row | {"caught": not passed, "how": "; ".join(flagged), "entries": entries}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| mutation | what | caught | flagged (metric: status) | wall |", "|---|---|---|---|---|"]
+    lines = ["| mutation | what | methods rerun | caught | flagged (method/point/metric status) | wall |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mutation']} | {r['what']} | {'yes' if r['caught'] else 'no'} | {r['how'] or '-'} | "
-                     f"{r['wall_s'] / 60:.1f} min |")
+        methods = r["methods"] if isinstance(r["methods"], str) else ", ".join(r["methods"])
+        lines.append(f"| {r['mutation']} | {r['what']} | {methods} | {'yes' if r['caught'] else 'no'} | "
+                     f"{r['how'] or '-'} | {r['wall_s'] / 60:.1f} min |")
     return "\n".join(lines)
 
 

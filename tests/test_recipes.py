@@ -142,13 +142,16 @@ def test_every_plan_records_its_full_recipe_and_the_published_one(tmp_path):
     from ulbench.suite import load_suite
     from ulbench.sweep import create_run
 
-    run = create_run(FASHION, ["dataset.name=photos", "dataset.class_conditional=false",
-                                                   "evaluation.guidance=[1.0]"], tmp_path, "r")
+    run = create_run(FASHION, ["dataset.name=photos", "dataset.class_conditional=false", "evaluation.guidance=[1.0]",
+                               "evaluation.metrics=[fid]"], tmp_path, "r")
     config = json.loads((run / "config.json").read_text())
     edm2, dit = config["methods"]["sd-edm2"], config["methods"]["sd-dit"]
     assert edm2["train"]["stage2"]["grad_clip"] == 0.0 and dit["train"]["stage2"]["grad_clip"] == 0.0
     assert edm2["train"]["stage2"]["ema_stds"] == [] and edm2["train"]["stage2"]["ema_decay"] == 0.999  # the suite's
-    assert set(dataclasses.asdict(TrainConfig())) - {"steps"} == set(edm2["train"]["stage2"])
+    assert set(dataclasses.asdict(TrainConfig())) - {"steps", "precision"} == set(edm2["train"]["stage2"])
+    from ulbench.methods.base import stage_train_config
+
+    assert stage_train_config(edm2["train"], "stage2", 10, "bf16").precision == "bf16"  # the suite's precision
     assert edm2["sampler"] == {"steps": 32} and dit["sampler"] == {"steps": 250}
     assert config["methods"]["ul"]["sampler"]["steps"] == 32  # the suite's evaluation.sampler
     assert dit["published"]["train"]["stage2"]["lr"] == 1e-4 and dit["published"]["train"]["stage1"] == {}
@@ -230,3 +233,25 @@ def test_the_sampler_is_part_of_a_results_protocol_identity():
     a = fingerprint_id({**fid, "sampler": {"steps": 32, "guidance_interval": None}})
     b = fingerprint_id({**fid, "sampler": {"steps": 32, "guidance_interval": [-1.0, 2.0]}})
     assert a != b and a.startswith("abc") and fingerprint_id(fid) == "abc"
+
+
+def test_class_acc_needs_labels_and_a_labelled_reference(tmp_path):
+    from ulbench.suite import load_suite
+    from ulbench.suite_schema import SuiteError
+
+    path = tmp_path / "s.yaml"
+    text = ("version: 1\ndataset: {name: photos, resolution: 32, class_conditional: %s}\n"
+            "methods: [{name: m, preset: ul-tiny}]\ncompute: {ladder: [1.0e12]}\n"
+            "evaluation: {metrics: [fid, class_acc]%s}\n")
+    path.write_text(text % ("true", ""))
+    assert load_suite(path).evaluation.metrics == ("fid", "class_acc")
+    path.write_text(text % ("false", ""))
+    with pytest.raises(SuiteError, match="needs class labels"):
+        load_suite(path)
+    path.write_text(text % ("true", ", reference: /x/ref.npz"))
+    with pytest.raises(SuiteError, match="labelled reference"):
+        load_suite(path)
+    path.write_text(text.replace("evaluation: {metrics: [fid, class_acc]%s}\n", "") % "true")
+    assert "class_acc" in load_suite(path).evaluation.metrics  # in the default list of a class-conditional suite
+    path.write_text(text.replace("evaluation: {metrics: [fid, class_acc]%s}\n", "") % "false")
+    assert "class_acc" not in load_suite(path).evaluation.metrics

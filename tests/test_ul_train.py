@@ -50,31 +50,15 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(photos, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-6, atol=1e-7) for k in wa)
 
 
-def _psnr(a, b):
-    from ulbench.metrics.images import quantize_images
-    from ulbench.metrics.psnr import psnr_per_image
-
-    q = lambda t: quantize_images(t).permute(0, 2, 3, 1).numpy()  # noqa: E731
-    return float(psnr_per_image(q(a), q(b)).mean())
-
-
-# Reconstruction threshold: a decoder that ignores its latent scores what reconstructions score against *other*
-# images (measured 10.1-11.0 dB here). After 400 steps of ul-tiny, reconstructions measured 16.4-16.5 dB against
-# their own images and 10.1-10.3 dB against shuffled ones; we require 14 dB and a 3 dB margin over shuffled.
-RECON_PSNR_MIN, RECON_MARGIN_DB = 14.0, 3.0
-
-
 def test_tiny_end_to_end_on_real_photos(photos, tmp_path):
-    # Stage 1 on 2048 real photo crops at 32x32 (about two minutes on 2 cores), then stage 2, then samples.
-    cfg1 = TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20, log_every=50, checkpoint_every=400,
+    """Stage 1 (briefly), its latent cache, stage 2, samples. That stage 1 learns is the smoke suite's check: its
+    ~570 stage-1 steps reconstruct at ~18 dB (12 dB for a decoder that ignores its latent), a regression-checked
+    number (reports/baselines/smoke.json); here 60 steps only have to lower the loss."""
+    cfg1 = TrainConfig(steps=60, batch_size=32, lr=1e-3, warmup_steps=20, log_every=20, checkpoint_every=60,
                        ema_decay=0.99)
     log = train_stage1(PRESETS["ul-tiny"], _batches(photos, cfg1), cfg1, tmp_path / "s1", progress=False)
-    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert log[-1]["total_nats"] < 0.8 * log[0]["total_nats"]
     assert all(0 < r["bits_per_pixel"] for r in log)
-    x = photos.images[:64]
-    recon = load_run(tmp_path / "s1")[0].reconstruct(x, list(range(64)), steps=50)
-    paired, shuffled = _psnr(x, recon), _psnr(x, recon.roll(1, 0))
-    assert paired > RECON_PSNR_MIN and paired > shuffled + RECON_MARGIN_DB, (paired, shuffled)
     cfg2 = TrainConfig(steps=100, batch_size=64, lr=1e-3, warmup_steps=10, log_every=25, checkpoint_every=100,
                        ema_decay=0.99)
     model = stage2_model(tmp_path / "s1", seed=cfg2.seed)

@@ -150,9 +150,10 @@ def stage_train_config(overrides: dict[str, dict], stage: str, steps: int, preci
 
 
 def recipe(kind: MethodKind, config: Any, stage: str, suite_settings: dict, seed: int) -> dict:
-    """A stage's full training recipe, every TrainConfig field but ``steps`` (which budgets set): the harness's
-    defaults, then the kind's published recipe, then the suite's settings (``methods[].train.<stage>``; an
-    ``ema_decay`` there without ``ema_stds`` replaces a published power-function EMA by the exponential one)."""
+    """A stage's full training recipe, every TrainConfig field but ``steps`` (which the budgets set) and
+    ``precision`` (the suite's, unless this stage sets its own): the harness's defaults, then the kind's published
+    recipe, then the suite's settings (``methods[].train.<stage>``; an ``ema_decay`` there without ``ema_stds``
+    replaces a published power-function EMA by the exponential one)."""
     from ul_model.train import TrainConfig
 
     published = kind.train_recipe(config, stage)
@@ -161,6 +162,8 @@ def recipe(kind: MethodKind, config: Any, stage: str, suite_settings: dict, seed
     cfg = apply_overrides(TrainConfig(seed=seed), {**published, **suite_settings})
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     out.pop("steps")
+    if "precision" not in suite_settings:
+        out.pop("precision")
     return out
 
 
