@@ -44,27 +44,34 @@ def _rows_of(run_dir: Path) -> list[dict]:
 
 def write_baseline(run_dir: str | Path, out: str | Path, tolerances: dict | None = None,
                    spread: list[str | Path] = (), factor: float = SPREAD_FACTOR) -> dict:
-    """The baseline file of a run. ``spread``: runs of the same suite under other seeds; each metric then gets its
-    own allowed movement, ``factor`` x the largest deviation of those runs from this one (the metric's default
-    tolerance when it is larger is not used: the measured spread decides), and every spread run must have it."""
+    """The baseline file of a run. ``spread``: runs of the same suite under other seeds. Each metric then gets its
+    allowed movement from them: ``factor`` x the largest deviation from this run among the method's entries of the
+    same metric (its points pooled: with a few seeds, one entry's deviations alone are a poor estimate of the
+    spread; methods are not pooled, their spreads differ by orders of magnitude); every spread run must have every
+    entry."""
     run_dir = Path(run_dir)
     rows = _rows_of(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     others = [{_key(r): r for r in _rows_of(Path(s))} for s in spread]
+    deviations: dict[tuple[str, str], list[float]] = {}
+    for r in rows if others else []:
+        missing = [str(s) for s, o in zip(spread, others) if _key(r) not in o]
+        if missing:
+            raise UserError(f"{', '.join(missing)}: no {r['method']}/{r['point']}/{r['metric']}; spread runs must "
+                            f"be of the same suite as {run_dir}")
+        deviations.setdefault((r["method"], r["metric_base"]), []).extend(abs(o[_key(r)]["value"] - r["value"])
+                                                                          for o in others)
     metrics = []
     for r in rows:
         entry = {"method": r["method"], "point": r["point"], "metric": r["metric"], "metric_base": r["metric_base"],
                  "guidance": r.get("guidance"), "value": r["value"], "higher_is_better": r["higher_is_better"],
                  "fingerprint_id": _fingerprint_id(r)}
         if others:
-            missing = [str(s) for s, o in zip(spread, others) if _key(r) not in o]
-            if missing:
-                raise UserError(f"{', '.join(missing)}: no {r['method']}/{r['point']}/{r['metric']}; spread runs "
-                                f"must be of the same suite as {run_dir}")
-            deviations = [abs(o[_key(r)]["value"] - r["value"]) for o in others]
-            entry["spread"] = {"deviations": deviations, "factor": factor}
+            pooled = deviations[r["method"], r["metric_base"]]
+            spread_of_metric = max(pooled)
+            entry["spread"] = {"max_deviation": spread_of_metric, "deviations": len(pooled), "factor": factor}
             # a floor of 0.1% of the value: float differences between machines, were the seeds to agree by chance
-            entry["allowed"] = max(factor * max(deviations), 1e-3 * abs(r["value"]))
+            entry["allowed"] = max(factor * spread_of_metric, 1e-3 * abs(r["value"]))
         metrics.append(entry)
     baseline = {"suite": config["suite"], "made_from": {"run": str(run_dir), "git_commit": config.get("git_commit"),
                                                         "created_at": config.get("created_at"),
