@@ -33,8 +33,10 @@ class Mutation:
     file: str
     old: str
     new: str
-    # the suite's methods whose code path contains the change (None: all); the others are not rerun, as their
-    # results cannot move (the SD-latent baselines use nothing of ul_model but SampleNoise and the training loop)
+    # the suite's methods rerun (None: all). UL only for the changes in ul_model's model and sampler, which the
+    # SD-latent baselines do not run (they use nothing of ul_model but SampleNoise and the training loop); also for
+    # the rolled labels (the smoke's DiT does not learn its conditioning yet: class_acc at chance) and the frozen
+    # EMA (one class for every method), to halve the campaign.
     methods: tuple[str, ...] | None = None
 
 
@@ -49,10 +51,10 @@ MUTATIONS = (
              "ul_model/model.py",
              "LogSNRSchedule(d.decoder_lambda_min, d.decoder_lambda_max, shift, shift_end)",
              "LogSNRSchedule(d.decoder_lambda_min, d.lambda_z0, shift, shift_end)", UL_ONLY),
-    Mutation("labels-shuffled", "training batches pair each image with another image's label",
-             "ulbench/data/loader.py",
-             "        return ((dataset.images[idx], dataset.labels_tensor[idx]) for idx in sampler)",
-             "        return ((dataset.images[idx], dataset.labels_tensor[idx].roll(1)) for idx in sampler)"),
+    Mutation("labels-shuffled", "stage 2 trains each latent under another image's label (labels rolled by one)",
+             "ulbench/methods/base.py", "    return LatentDataset(cache, ds.labels, xflip=data.xflip)",
+             "    import numpy as np\n    return LatentDataset(cache, np.roll(ds.labels, 1), xflip=data.xflip)",
+             UL_ONLY),
     Mutation("encoder-detached", "the encoder's output is detached: no gradient reaches the encoder",
              "ul_model/model.py", "        z_clean = self.encoder(x)\n        return z_clean, losses.encode_z0(",
              "        z_clean = self.encoder(x).detach()\n        return z_clean, losses.encode_z0(", UL_ONLY),
@@ -60,7 +62,7 @@ MUTATIONS = (
              "ul_model/ema.py", "    def update(self, model: nn.Module, nimg: float = 0, batch_size: int = 0) -> None:\n"
              "        _blend(self.shadow, model, self.decay)",
              "    def update(self, model: nn.Module, nimg: float = 0, batch_size: int = 0) -> None:\n"
-             "        pass"),
+             "        pass", UL_ONLY),
     Mutation("schedule-off-by-one", "the sampler's step loop stops one step early (the last step to t = 0 skipped)",
              "ul_model/sampling.py", "    for t, s in zip(ts[:-1], ts[1:]):", "    for t, s in zip(ts[:-2], ts[1:-1]):",
              UL_ONLY),
@@ -89,8 +91,11 @@ def apply(mutation: Mutation, root: Path) -> None:
     path.write_text(text.replace(mutation.old, mutation.new))
 
 
-def run_one(name: str, mutation: Mutation | None, suite: str, baseline: str, work: Path) -> dict:
+def run_one(name: str, mutation: Mutation | None, suite: str, baseline: str, work: Path, reuse: bool = False) -> dict:
     root = work / name
+    run_dir = root / "runs" / Path(suite).stem / name
+    if reuse and (run_dir / "results.jsonl").is_file():  # a finished run of this mutation: check it again
+        return check_one(name, mutation, root, run_dir, baseline, wall=float("nan"))
     copy_tree(root)
     if mutation is not None:
         apply(mutation, root)
@@ -104,15 +109,26 @@ def run_one(name: str, mutation: Mutation | None, suite: str, baseline: str, wor
     run = subprocess.run([sys.executable, "-c", script, suite, name, ",".join(methods) if methods else "-"],
                          cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    row = {"mutation": name, "what": mutation.what if mutation else "unmodified code (control)",
-           "file": mutation.file if mutation else "", "methods": list(methods) if methods else "all",
-           "wall_s": round(wall, 1)}
     if run.returncode != 0:  # a crash is caught too: the suite did not produce results
-        return row | {"caught": True, "how": f"the run failed (exit {run.returncode}): "
-                                            f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ''}"}
+        return _row(name, mutation, wall) | {
+            "caught": True, "how": f"the run failed (exit {run.returncode}): "
+                                   f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ''}"}
+    return check_one(name, mutation, root, run_dir, baseline, wall)
+
+
+def _row(name: str, mutation: Mutation | None, wall: float) -> dict:
+    methods = None if mutation is None else mutation.methods
+    return {"mutation": name, "what": mutation.what if mutation else "unmodified code (control)",
+            "file": mutation.file if mutation else "", "methods": list(methods) if methods else "all",
+            "wall_s": round(wall, 1)}
+
+
+def check_one(name: str, mutation: Mutation | None, root: Path, run_dir: Path, baseline: str, wall: float) -> dict:
     from ulbench.check import compare  # this checkout's (no mutation touches the check)
 
-    passed, entries = compare(root / "runs" / Path(suite).stem / name, root / baseline)
+    methods = None if mutation is None else mutation.methods
+    row = _row(name, mutation, wall)
+    passed, entries = compare(run_dir, REPO / baseline)
     if methods:  # only the rerun methods' entries (the others are absent by design, not MISSING)
         entries = [e for e in entries if e["method"] in methods]
         passed = all(e["status"] in ("ok", "improved") for e in entries)
@@ -127,7 +143,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         methods = r["methods"] if isinstance(r["methods"], str) else ", ".join(r["methods"])
         lines.append(f"| {r['mutation']} | {r['what']} | {methods} | {'yes' if r['caught'] else 'no'} | "
-                     f"{r['how'] or '-'} | {r['wall_s'] / 60:.1f} min |")
+                     f"{r['how'] or '-'} | {r['wall_s'] / 60:.1f} min |".replace("nan min", "(reused)"))
     return "\n".join(lines)
 
 
@@ -140,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/ulbench-mutations", help="where the copies and their runs go")
     p.add_argument("--out", default="benchmarks/mutations.json", help="the table as JSON")
     p.add_argument("--list", action="store_true", help="print the mutations and exit")
+    p.add_argument("--reuse", action="store_true", help="re-check finished runs under --work instead of rerunning")
     args = p.parse_args(argv)
     if args.list:
         for m in MUTATIONS:
@@ -150,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown mutation(s) {sorted(unknown)}; --list shows them")
     work = Path(args.work)
-    rows = [] if args.no_control else [run_one("control", None, args.suite, args.baseline, work)]
+    rows = [] if args.no_control else [run_one("control", None, args.suite, args.baseline, work, args.reuse)]
     for m in chosen:
-        rows.append(run_one(m.name, m, args.suite, args.baseline, work))
+        rows.append(run_one(m.name, m, args.suite, args.baseline, work, args.reuse))
         print(f"{m.name}: caught={rows[-1]['caught']} {rows[-1]['how']}", flush=True)
     out = REPO / args.out
     out.write_text(json.dumps({"suite": args.suite, "baseline": args.baseline, "rows": rows}, indent=1) + "\n")
