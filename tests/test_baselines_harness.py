@@ -56,6 +56,7 @@ def test_flops_cli_reproduces_dit_xl2_published_forward_cost():
     assert json.loads(r.stdout)["stage2"]["forward_macs_per_image"] / 1e9 == pytest.approx(118.64, rel=0.01)
 
 
+@pytest.mark.slow
 def test_suite_trains_ul_and_both_baselines_side_by_side(tmp_path):
     (tmp_path / "s.yaml").write_text(SUITE)
     run = start_run(str(tmp_path / "s.yaml"), [], tmp_path / "runs", "r", progress=False)

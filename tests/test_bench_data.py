@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ulbench.bench_data import _prepare, _tree, bench_data, format_result
 from ulbench.cli import build_parser
 
 N, R, BATCH, BATCHES = 40, 32, 8, 3
 
 
+@pytest.mark.slow
 def test_bench_data_tiny_case_reports_every_section(tmp_path):
     work = tmp_path / "work"
     r = bench_data(n=N, resolutions=[R], workers=1, batch_size=BATCH, batches=BATCHES, warmup=1,

@@ -21,6 +21,7 @@ def small_dirs(tmp_path_factory):
     return write_pngs(photo_crops(7, 6), root / "a"), write_pngs(photo_crops(8, 6), root / "b")
 
 
+@pytest.mark.slow
 def test_fid_kid_stats_psnr_json(small_dirs, tmp_path, inception_weights):
     a, b = small_dirs
     fid = json.loads(run_cli("eval", "fid", str(a), str(b), "--json", "--no-cache").stdout)

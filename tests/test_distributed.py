@@ -39,6 +39,7 @@ def test_ddp_two_ranks_reproduce_one_process_with_and_without_accumulation(tmp_p
     assert a["ul/micro4"] != a["ul/micro2"]  # the micro-batch seeds the noise: a different run, as documented
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_naming_the_holder(torchrun_run):
     second = torchrun_run.second
     assert second is not None and second.returncode == 2, second
@@ -79,6 +80,7 @@ def test_status_of_a_finished_local_run(torchrun_run):
         ("stage1", "done"), ("b0", "done"), ("b1", "done"), ("b2", "done")]
 
 
+@pytest.mark.slow
 def test_eval_fvd_under_torchrun_equals_one_process(tmp_path):
     import importlib.util
 

@@ -17,6 +17,7 @@ def torch_fidelity_result(photo_dirs, tf_weights_pt):
         verbose=False, feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(tf_weights_pt))
 
 
+@pytest.mark.slow
 def test_fid_matches_torch_fidelity(evaluator, photo_dirs, torch_fidelity_result):
     ours = evaluator.fid(photo_dirs[0], photo_dirs[1])
     ref = torch_fidelity_result["frechet_inception_distance"]
@@ -29,6 +30,7 @@ def test_kid_matches_torch_fidelity(evaluator, photo_dirs, torch_fidelity_result
     assert ours["kid_mean"] == pytest.approx(torch_fidelity_result["kernel_inception_distance_mean"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_clean_mode_matches_clean_fid(photo_dirs, inception_weights):
     from cleanfid import fid as cleanfid
 
@@ -66,6 +68,7 @@ def test_mixed_sizes_give_each_image_its_own_features(evaluator, photo_dirs):
     assert torch.allclose(mixed[1], alone[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reference_stats_give_same_fid_as_folder(evaluator, photo_dirs, tmp_path):
     s = evaluator.set_stats(photo_dirs[1])
     s.moments.save_npz(tmp_path / "ref.npz", **evaluator.protocol())
@@ -75,6 +78,7 @@ def test_reference_stats_give_same_fid_as_folder(evaluator, photo_dirs, tmp_path
     assert "sha256" in from_stats["fingerprint"]["reference"]
 
 
+@pytest.mark.slow
 def test_npz_tensor_and_generator_inputs_agree_with_folder(evaluator, photo_dirs, tmp_path):
     from ulbench.metrics.images import photo_crops
 
@@ -111,6 +115,7 @@ def test_statistics_cache_is_keyed_by_protocol(photo_dirs, tmp_path, monkeypatch
     assert clean._cache_path(folder_source(photo_dirs[0])) != legacy._cache_path(folder_source(photo_dirs[0]))
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_on_real_features(evaluator, photo_dirs):
     r = evaluator.fid(photo_dirs[0], photo_dirs[1], bootstrap=20)
     lo, hi = r["fid_ci95"]

@@ -173,6 +173,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return psnr_per_image(*(quantize_images(t).permute(0, 2, 3, 1).numpy() for t in (a, b)))
 
 
+@pytest.mark.slow
 def test_tiny_vae_learns_real_photos(one_thread):
     torch.manual_seed(0)
     cfg = vae_preset("kl-f4-tiny")

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ulbench.data.builtin import write_photo_tree
 from ulbench.data.prepared import PreparedDataset, prepare
@@ -16,6 +17,7 @@ from ulbench.sweep import start_run
 SUITE = Path(__file__).parents[1] / "suites" / "photos-prepared.yaml"
 
 
+@pytest.mark.slow
 def test_prepared_photos_suite_runs_end_to_end(tmp_path):
     tree = write_photo_tree(tmp_path / "tree", 96, 36, 90, classes=2, seed=4)
     prepare(tree, tmp_path / "photos-32.zip", 32, workers=1, progress=False)

@@ -12,6 +12,7 @@ from ulbench.data import fashion_mnist
 from ulbench.errors import UserError
 
 
+@pytest.mark.slow
 def test_train_sample_reconstruct_cli(tmp_path):
     common = ["--steps", "4", "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--log-every", "2",
               "--checkpoint-every", "2", "--device", "cpu"]
@@ -68,6 +69,7 @@ def test_missing_fashion_mnist_names_the_install_command(tmp_path):
         fashion_mnist("train", tmp_path / "absent")
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_the_number_of_processes(tmp_path):
     import subprocess
     import sys

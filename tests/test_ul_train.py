@@ -50,6 +50,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(photos, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-6, atol=1e-7) for k in wa)
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_on_real_photos(photos, tmp_path):
     """Stage 1 (briefly), its latent cache, stage 2, samples. That stage 1 learns is the smoke suite's check: its
     ~570 stage-1 steps reconstruct at ~18 dB (12 dB for a decoder that ignores its latent), a regression-checked

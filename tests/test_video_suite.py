@@ -107,6 +107,7 @@ def test_every_clip_source_loads_as_a_suite_dataset(clip_sources, name):
     assert loaded.fingerprint() == load_suite_dataset(suite).fingerprint()
 
 
+@pytest.mark.slow
 def test_train_stage1_and_stage2_cli_on_clips(tmp_path):
     common = ["--steps", "2", "--batch-size", "2", "--warmup", "1", "--log-every", "1", "--checkpoint-every", "2"]
     r = run_cli("train", "stage1", "--preset", "video-ul-tiny", "--data", "clips", "--out", str(tmp_path / "s1"),
@@ -136,6 +137,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("video-run")  # one worker builds the module's run once
 def test_video_sweep_rows_controls_and_given_frames(video_run):
     from ulbench.io import open_npz_array

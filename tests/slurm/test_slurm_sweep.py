@@ -25,6 +25,7 @@ def _rows(run: Path) -> dict[tuple, float]:
     return {(r["method"], r["point"], r["metric"]): r["value"] for r in rows}
 
 
+@pytest.mark.slow
 def test_slurm_job_preempted_requeued_and_resumed_equals_local_run(slurm_cluster, micro, clean_run, tmp_path):
     env = {**slurm_cluster.env, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*ULBENCH, "run", str(micro), "--runs-dir", str(tmp_path), "--name", "s",
