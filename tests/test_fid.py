@@ -17,9 +17,23 @@ def torch_fidelity_result(photo_dirs, tf_weights_pt):
         verbose=False, feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(tf_weights_pt))
 
 
+@pytest.fixture(scope="session")
+def folder_fid(evaluator, photo_dirs):
+    """FID of the two photo folders, computed once: the value every other input form must reproduce."""
+    return evaluator.fid(photo_dirs[0], photo_dirs[1])
+
+
+@pytest.fixture(scope="session")
+def ref_npz(evaluator, photo_dirs, tmp_path_factory):
+    """The second folder's statistics as a reference .npz (with the protocol that made them)."""
+    path = tmp_path_factory.mktemp("ref") / "ref.npz"
+    evaluator.set_stats(photo_dirs[1]).moments.save_npz(path, **evaluator.protocol())
+    return path
+
+
 @pytest.mark.slow
-def test_fid_matches_torch_fidelity(evaluator, photo_dirs, torch_fidelity_result):
-    ours = evaluator.fid(photo_dirs[0], photo_dirs[1])
+def test_fid_matches_torch_fidelity(folder_fid, torch_fidelity_result):
+    ours = folder_fid
     ref = torch_fidelity_result["frechet_inception_distance"]
     assert ours["fid"] == pytest.approx(ref, rel=1e-4)
     assert ours["n"] == N_PARITY and ours["fid"] > 10  # different crops: clearly non-zero
@@ -69,27 +83,24 @@ def test_mixed_sizes_give_each_image_its_own_features(evaluator, photo_dirs):
 
 
 @pytest.mark.slow
-def test_reference_stats_give_same_fid_as_folder(evaluator, photo_dirs, tmp_path):
-    s = evaluator.set_stats(photo_dirs[1])
-    s.moments.save_npz(tmp_path / "ref.npz", **evaluator.protocol())
-    from_folder = evaluator.fid(photo_dirs[0], photo_dirs[1])["fid"]
-    from_stats = evaluator.fid(photo_dirs[0], tmp_path / "ref.npz")
-    assert from_stats["fid"] == pytest.approx(from_folder, rel=1e-12)
+def test_reference_stats_give_same_fid_as_folder(evaluator, photo_dirs, folder_fid, ref_npz):
+    from_stats = evaluator.fid(photo_dirs[0], ref_npz)
+    assert from_stats["fid"] == pytest.approx(folder_fid["fid"], rel=1e-12)
     assert "sha256" in from_stats["fingerprint"]["reference"]
 
 
 @pytest.mark.slow
-def test_npz_tensor_and_generator_inputs_agree_with_folder(evaluator, photo_dirs, tmp_path):
+def test_npz_tensor_and_generator_inputs_agree_with_folder(evaluator, folder_fid, ref_npz, tmp_path):
     from ulbench.metrics.images import photo_crops
 
     arr = photo_crops(0, N_PARITY)  # the same pixels the folder fixture holds as PNG (lossless)
     np.savez(tmp_path / "samples.npz", arr_0=arr)
-    ref = evaluator.fid(photo_dirs[0], photo_dirs[1])["fid"]
-    assert evaluator.fid(tmp_path / "samples.npz", photo_dirs[1])["fid"] == pytest.approx(ref, rel=1e-9)
+    ref = folder_fid["fid"]  # against the reference statistics (equal to the folder's to 1e-12, test above)
+    assert evaluator.fid(tmp_path / "samples.npz", ref_npz)["fid"] == pytest.approx(ref, rel=1e-9)
     nchw = torch.from_numpy(arr).permute(0, 3, 1, 2)
-    assert evaluator.fid(nchw, photo_dirs[1])["fid"] == pytest.approx(ref, rel=1e-9)
+    assert evaluator.fid(nchw, ref_npz)["fid"] == pytest.approx(ref, rel=1e-9)
     gen = (nchw[i: i + 7] for i in range(0, N_PARITY, 7))  # odd batch size: re-batched internally
-    assert evaluator.fid(gen, photo_dirs[1])["fid"] == pytest.approx(ref, rel=1e-6)
+    assert evaluator.fid(gen, ref_npz)["fid"] == pytest.approx(ref, rel=1e-6)
 
 
 def test_float_samples_are_refused_with_the_fix(evaluator, photo_dirs):
