@@ -5,9 +5,9 @@ import json
 import os
 from pathlib import Path
 
-from ul_model.io import atomic_write
+from ul_model.io import DiskFullError, atomic_write
 
-__all__ = ["atomic_write", "fingerprint_id", "write_json"]
+__all__ = ["DiskFullError", "atomic_write", "fingerprint_id", "write_json"]
 
 
 def fingerprint_id(fp: object) -> str:

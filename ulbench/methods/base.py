@@ -167,6 +167,13 @@ def recipe(kind: MethodKind, config: Any, stage: str, suite_settings: dict, seed
     return out
 
 
+def keep_checkpoints_at(train: dict[str, dict], steps: dict[str, list[int]]) -> dict[str, dict]:
+    """Per-stage training settings with ``steps[stage]`` added to the stage's ``keep_steps``: checkpoints that
+    ``keep_checkpoints`` never deletes (a sweep's rung ends, each evaluated from its checkpoint)."""
+    return {stage: {**settings, "keep_steps": sorted({*settings.get("keep_steps", ()), *steps.get(stage, ())})}
+            for stage, settings in train.items()}
+
+
 class RunnerBase:
     """What every runner shares: stage run directories ``workdir/<stage>``, per-stage train configs, the
     training batches of a dataset (rank-split under torchrun) and stage 2's latent cache."""
