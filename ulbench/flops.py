@@ -166,6 +166,37 @@ def method_flops(preset: str, resolution: int | None = None, overrides: dict | N
     return result
 
 
+def _fits(preset: str, resolution: int) -> bool:
+    try:
+        method_flops(preset, resolution=resolution, batch_size=1)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def fitting_resolutions(preset: str, resolution: int, max_power: int = 10) -> list[int]:
+    """The multiples of 2^k nearest ``resolution`` (below and above) for the smallest k at which both fit the
+    preset (a meta-device step runs), found by bisection: multiples of 2^(k+1) are multiples of 2^k, so once
+    they fit they keep fitting (patching and stride-2 stages need divisibility; a size floor cuts only below).
+    [] if even multiples of 2^max_power do not fit."""
+
+    def neighbours(k: int) -> list[int]:
+        m = 2**k
+        below, above = (resolution - 1) // m * m, (resolution // m + 1) * m  # strictly below and above
+        return [r for r in (below, above) if r >= m]
+
+    def ok(k: int) -> bool:
+        return all(_fits(preset, r) for r in neighbours(k))
+
+    lo, hi = 1, max_power
+    if not ok(hi):
+        return []
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+    return neighbours(lo)
+
+
 EXAMPLES = """examples:
   ulbench flops ul-tiny                       # shapes only (meta device): no memory, about a second
   ulbench flops ul-small --resolution 512     # the paper's ImageNet-512 shapes
@@ -183,11 +214,24 @@ def cmd_flops(args) -> None:
         kind_of_preset(args.preset)
     except KeyError as e:
         raise UserError(e.args[0]) from None
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: the counted step needs at least 1 sample")
+    if args.resolution is not None and args.resolution < 1:
+        raise UserError(f"--resolution {args.resolution}: must be a positive number of pixels")
     try:
         result = method_flops(args.preset, resolution=args.resolution, batch_size=args.batch_size,
                               device=args.device)
-    except ValueError as e:  # a config the networks reject (e.g. a resolution the decoder cannot reach)
-        raise UserError(f"{args.preset}: {e}") from None
+    except (ValueError, RuntimeError) as e:  # a config the networks reject, or shapes that do not fit
+        if args.resolution is None:
+            if isinstance(e, ValueError):
+                raise UserError(f"{args.preset}: {e}") from None
+            raise  # the preset's own shapes fail: a bug, not an input
+        fitting = fitting_resolutions(args.preset, args.resolution)
+        if not fitting:
+            raise
+        raise UserError(f"--resolution {args.resolution} does not fit {args.preset}'s patching and downsampling "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); the nearest that fit: "
+                        f"{' or '.join(map(str, fitting))}") from None
     if args.json:
         print(json.dumps(result))
         return

@@ -17,6 +17,7 @@ from ulbench.data.base import ImageDataset
 from ulbench.data.sources import Source
 from ulbench.data.transforms import DEFAULT_TRANSFORM, UnreadableImage, apply_transform, decode_rgb
 from ulbench.errors import UserError
+from ulbench.metrics.images import display_path
 
 
 class FolderDataset(ImageDataset):
@@ -33,12 +34,14 @@ class FolderDataset(ImageDataset):
         name = self.source.names[i]
         try:
             rgb, _ = decode_rgb(self.source.read(name), name)
-        except UnreadableImage as e:
-            raise UserError(f"{self.source.path / name}: {e.reason}. Remove the file, or prepare the folder with "
-                            "`ulbench data prepare`, which names and skips unreadable files.") from None
+        except (UnreadableImage, OSError) as e:  # OSError: a broken link, a link loop, a file gone since listing
+            reason = e.reason if isinstance(e, UnreadableImage) else f"{type(e).__name__}: {e.strerror or e}"
+            raise UserError(f"{display_path(self.source.path / name)}: {reason}. Remove the file, or prepare the "
+                            "folder with `ulbench data prepare`, which names and skips unreadable files.") from None
         out = apply_transform(self.transform, rgb, self.resolution)
         if out is None:
-            raise UserError(f"{self.source.path / name}: too small for {self.transform} at {self.resolution}px")
+            raise UserError(f"{display_path(self.source.path / name)}: too small for {self.transform} at "
+                            f"{self.resolution}px")
         return torch.from_numpy(np.array(out)).permute(2, 0, 1), int(self.labels[i])
 
     def fingerprint(self) -> str:

@@ -55,9 +55,16 @@ def _tar_name(member: tarfile.TarInfo) -> str:
 
 
 def _list_folder(root: Path) -> tuple[list[str], bytes | None]:
-    rels = []
+    """Relative paths of every file, following links to folders but entering each real folder once: a link loop
+    (``a/up -> ..``) would otherwise list the tree again at every level the kernel resolves (40 copies)."""
+    rels, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not (d.startswith(".") or d in IGNORED_DIR_NAMES)]
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not (d.startswith(".") or d in IGNORED_DIR_NAMES))  # stable order
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         rels += [f if rel_dir == "." else f"{rel_dir}/{f}" for f in filenames]
     meta = root / EDM2_LABELS_FILE

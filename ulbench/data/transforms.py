@@ -45,6 +45,8 @@ class DecodeInfo:
     mode: str  # the PIL mode the file opened as ("RGB", "P", "I;16", ...; "RGB;16", "RGBA;16", "LA;16": 16-bit PNGs)
     size: tuple[int, int]  # (width, height), PIL's order
     had_alpha: bool  # an alpha channel or a transparency key, dropped as ADM's convert("RGB") drops it
+    frames: int = 1  # frames of an animation (GIF, APNG, WebP): only the first is decoded, as PIL's convert does
+    format: str | None = None  # what PIL found in the bytes ("PNG", "JPEG", ...), whatever the file's extension
 
 
 def _open(data: bytes | str | os.PathLike) -> Image.Image:
@@ -58,9 +60,9 @@ def _scale16(v: np.ndarray) -> np.ndarray:
 
 
 def _reopen_with_rawmode(data, rawmode: str) -> np.ndarray:
-    im = _open(data)
-    im.tile = [im.tile[0]._replace(args=rawmode)]
-    return np.asarray(im)
+    with _open(data) as im:
+        im.tile = [im.tile[0]._replace(args=rawmode)]
+        return np.asarray(im)
 
 
 def _png16_colour(im: Image.Image, data, rawmode: str) -> np.ndarray:
@@ -97,9 +99,11 @@ def decode_rgb(data: bytes | str | os.PathLike, name: str = "image") -> tuple[np
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's palette-transparency and large-image notes
-            im = _open(data)
-            had_alpha = im.mode in ALPHA_MODES or "transparency" in im.info
-            rgb, mode = _to_rgb8(im, data)
+            with _open(data) as im:
+                had_alpha = im.mode in ALPHA_MODES or "transparency" in im.info
+                frames = im.n_frames if getattr(im, "is_animated", False) else 1
+                fmt = im.format
+                rgb, mode = _to_rgb8(im, data)
     except MemoryError:
         raise
     except Image.UnidentifiedImageError:
@@ -108,7 +112,8 @@ def decode_rgb(data: bytes | str | os.PathLike, name: str = "image") -> tuple[np
         raise UnreadableImage(name, f"{type(e).__name__}: {e}") from None
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise UnreadableImage(name, f"decoded to {rgb.dtype} {rgb.shape}, not 8-bit RGB")
-    return np.ascontiguousarray(rgb), DecodeInfo(mode=mode, size=(rgb.shape[1], rgb.shape[0]), had_alpha=had_alpha)
+    return np.ascontiguousarray(rgb), DecodeInfo(mode=mode, size=(rgb.shape[1], rgb.shape[0]), had_alpha=had_alpha,
+                                                 frames=frames, format=fmt)
 
 
 # ADM center_crop_arr (guided-diffusion image_datasets.py), as EDM2's center_crop_imagenet.

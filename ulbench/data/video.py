@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ulbench.errors import UserError
-from ulbench.metrics.video import VIDEO_EXTS, probe_video
+from ulbench.metrics.video import VIDEO_EXTS, probe_video, read_frames
 
 KINETICS_COLUMNS = ("youtube_id", "time_start", "time_end")  # required; ``label`` and ``split`` are optional
 SPLIT_SPELLINGS = {"val": "val", "validate": "val", "validation": "val", "train": "train", "test": "test"}
@@ -236,7 +236,7 @@ class VideoDataset(torch.utils.data.Dataset):
             return "empty", (0, 0.0)
         try:
             info = probe_video(e.path)
-        except (RuntimeError, OSError):  # decord raises RuntimeError (DECORDError) on undecodable files
+        except (RuntimeError, OSError):  # probe_video raises RuntimeError for every file decord cannot open
             return "unreadable", (0, 0.0)
         return (None if info[0] > 0 else "unreadable"), info
 
@@ -251,11 +251,8 @@ class VideoDataset(torch.utils.data.Dataset):
         return len(self.windows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        import decord
-
         path, first, offsets = self.windows[i]
-        reader = decord.VideoReader(str(path), num_threads=1)
-        frames = torch.from_numpy(reader.get_batch([first + o for o in offsets]).asnumpy())  # (T, H, W, C) RGB
+        frames = torch.from_numpy(read_frames(path, [first + o for o in offsets]))  # (T, H, W, C) RGB
         return resize_crop(frames, self.resolution), int(self.labels[i])
 
     def fingerprint(self) -> str:
@@ -299,16 +296,16 @@ def in_memory(ds: VideoDataset):
     """A small clip set decoded once into memory (``MemoryDataset``, clips in [-1, 1]): each video is decoded whole
     once and cut into its windows, instead of one decode per window and read (the bundled clips: ~3 s, not 15 s
     per pass). Items equal ``ds``'s (as floats). For the bundled clips and tests; large sets stream."""
-    import decord
-
     from ulbench.data.base import MemoryDataset, to_float
 
+    last: dict[Path, int] = {}  # the last frame any clip of each video uses
+    for path, first, offsets in ds.windows:
+        last[path] = max(last.get(path, 0), first + offsets[-1])
     out, by_file = [], {}
     for path, first, offsets in ds.windows:
-        if path not in by_file:  # every frame of the video, resized and cropped once
-            reader = decord.VideoReader(str(path), num_threads=1)
-            by_file[path] = resize_crop(torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy()),
-                                        ds.resolution)  # (C, N_frames, R, R)
+        if path not in by_file:  # the video's frames up to the last one used, resized and cropped once
+            by_file[path] = resize_crop(torch.from_numpy(read_frames(path, list(range(last[path] + 1)))),
+                                        ds.resolution)  # (C, last + 1, R, R)
         out.append(by_file[path][:, [first + o for o in offsets]])
     mem = MemoryDataset(ds.name, to_float(torch.stack(out)), torch.from_numpy(ds.labels), ds.num_classes)
     mem.skipped, mem.frames, mem.class_names = ds.skipped, ds.frames, ds.class_names

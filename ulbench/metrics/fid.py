@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +21,27 @@ from tqdm.auto import tqdm
 from ulbench import assets, dist
 from ulbench.errors import UserError
 from ulbench.io import atomic_write
-from ulbench.metrics.images import ImageSource, prepare_batch, resolve_source
+from ulbench.metrics.images import ImageSource, check_limit, prepare_batch, resolve_source
 from ulbench.metrics.inception import EXTRACTOR_NAME, FEATURE_DIM, InceptionFeatures
-from ulbench.metrics.stats import FeatureStats, Moments, bootstrap_frechet, frechet_distance, is_stats_file
+from ulbench.metrics.stats import (NPZ_READ_ERRORS, FeatureStats, Moments, bootstrap_frechet, frechet_distance,
+                                   is_stats_file)
 
 EXTRACTOR_ID = f"torch-fidelity/{EXTRACTOR_NAME}/pool3-{FEATURE_DIM}"
 KID_SUBSETS = 100  # torch-fidelity defaults
 KID_SUBSET_SIZE = 1000
+
+
+def check_bootstrap(reps: int) -> None:
+    """0 (no interval) or at least 2 repetitions: a percentile interval of one resample is no interval."""
+    if not isinstance(reps, numbers.Integral) or reps < 0 or reps == 1:
+        raise UserError(f"bootstrap={reps!r}: give 0 for no interval, or at least 2 repetitions (20 or more for a "
+                        "usable 95% interval)")
+
+
+def check_kid(subsets: int, subset_size: int) -> None:
+    if subsets < 1 or subset_size < 2:
+        raise UserError(f"KID subsets={subsets}, subset size={subset_size}: need at least 1 subset of at least 2 "
+                        "images (the unbiased MMD estimate pairs distinct images)")
 
 
 @dataclass
@@ -116,11 +132,14 @@ class ImageEvaluator:
 
     # statistics -> metric
     def fid(self, spec_a, spec_b, bootstrap: int = 0, seed: int = 0, limit: int | None = None) -> dict:
+        check_bootstrap(bootstrap)  # before any image is embedded
+        check_limit(limit)
         a = self.set_stats(spec_a, keep_features=bootstrap > 0, limit=limit)
         b = self.set_stats(spec_b, limit=limit)
         return self.fid_from_stats(a, b, bootstrap, seed)
 
     def fid_from_stats(self, a: SetStats, b: SetStats, bootstrap: int = 0, seed: int = 0) -> dict:
+        check_bootstrap(bootstrap)
         out = {"fid": frechet_distance(a.moments, b.moments), "n": a.moments.n, "fingerprint": self.fingerprint(a, b)}
         if bootstrap > 0 and dist.is_main():  # the features are on rank 0 only (torchrun)
             lo, hi, bias = bootstrap_frechet(a.features, b.moments, bootstrap, seed=seed)
@@ -131,6 +150,8 @@ class ImageEvaluator:
 
     def kid(self, spec_a, spec_b, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
             seed: int = 2020, limit: int | None = None) -> dict:
+        check_kid(subsets, subset_size)
+        check_limit(limit)
         a = self.set_stats(spec_a, keep_features=True, limit=limit)
         b = self.set_stats(spec_b, keep_features=True, limit=limit)
         return self.kid_from_stats(a, b, subsets, subset_size, seed)
@@ -150,14 +171,27 @@ class ImageEvaluator:
 
 
 def _read_cache(path: Path, need_features: bool):
+    """(Moments, features or None) of a cache entry; None if it lacks the features asked for. A damaged entry
+    (truncated by a killed writer on another file system, corrupt, or holding non-finite or misshapen moments) is
+    deleted with a warning and recomputed: the cache is ours to rebuild, so it is never the user's error."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if need_features and "features" not in z.files:
                 return None
             feats = torch.from_numpy(z["features"]) if "features" in z.files else None
-            return Moments(z["mu"], z["sigma"], int(z["n"])), feats
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged cache entry is recomputed
+            moments = Moments(z["mu"], z["sigma"], int(z["n"]))
+        ok = (moments.mu.shape == (FEATURE_DIM,) and moments.sigma.shape == (FEATURE_DIM, FEATURE_DIM)
+              and np.isfinite(moments.mu).all() and np.isfinite(moments.sigma).all()
+              and (feats is None or feats.shape == (moments.n, FEATURE_DIM)))
+        problem = None if ok else "unexpected shapes or non-finite values"
+    except (*NPZ_READ_ERRORS, KeyError, TypeError, AttributeError) as e:  # AttributeError: a bare .npy
+        problem = f"{type(e).__name__}: {e}"
+    if problem is None:
+        return moments, feats
+    if dist.is_main():
+        warnings.warn(f"statistics cache entry {path} is damaged ({problem}); deleted, recomputing it", stacklevel=3)
+        path.unlink(missing_ok=True)
+    return None
 
 
 def _write_cache(path: Path, s: SetStats) -> None:

@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 
 from ulbench import assets
 from ulbench.errors import UserError
-from ulbench.metrics.i3d import NUM_CLASSES, load_i3d, preprocess_clips
+from ulbench.metrics.i3d import MIN_FRAMES, NUM_CLASSES, load_i3d, preprocess_clips
 from ulbench.metrics.stats import FeatureStats, Moments, frechet_distance, is_stats_file
-from ulbench.metrics.video import ClipSet, index_video_clips, load_clip_array
+from ulbench.metrics.video import ClipSet, StreamedClips, index_video_clips, load_clip_array
 
 DEFAULT_BATCH_SIZE = 8  # clips per I3D forward; results do not depend on it beyond float tolerance
 
@@ -32,7 +32,18 @@ def _as_clip_list(clips: Clips) -> Sequence[np.ndarray | torch.Tensor]:
         raise UserError(f"clips must be uint8 shaped (N, T, H, W, 3), got shape {tuple(clips.shape)}")
     if len(clips) == 0:
         raise UserError("no clips to embed: the clip set is empty")
+    lengths = {clips.frames} if isinstance(clips, StreamedClips) else (
+        {clips.shape[1]} if isinstance(clips, (np.ndarray, torch.Tensor)) else {len(c) for c in clips})
+    check_clip_frames(min(lengths), "clips")
     return clips
+
+
+def check_clip_frames(frames: int, where: str) -> None:
+    """I3D's temporal downsampling (8x) and VALID logits pool need at least MIN_FRAMES (9) frames per clip: checked
+    before any clip is decoded or embedded."""
+    if frames < MIN_FRAMES:
+        raise UserError(f"{where}: clips of {frames} frame(s); FVD's I3D needs at least {MIN_FRAMES} frames per clip "
+                        "(16 is the protocol's length). Use longer clips (--frames 16).")
 
 
 def _feature_batches(model: torch.nn.Module, clips: Clips, batch_size: int, progress: bool,
@@ -93,7 +104,11 @@ class VideoEvaluator:
 
     def __init__(self, i3d_weights=None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
                  frames: int = 16, stride: int = 1, start: int = 0, clips_per_video: int = 1):
-        # Sampling and batch size are validated where they are used (index_video_clips, _feature_batches).
+        # Checked before the network loads; the sampling again where it is used (index_video_clips).
+        check_clip_frames(frames, f"frames={frames}")
+        if batch_size < 1 or stride < 1 or start < 0 or clips_per_video < 1:
+            raise UserError(f"batch_size={batch_size}, stride={stride}, start={start}, clips_per_video="
+                            f"{clips_per_video}: batch size, stride and clips per video must be >= 1, start >= 0")
         self.model = load_i3d(assets.converted_path(assets.I3D, i3d_weights))
         self.batch_size, self.progress = batch_size, progress
         self.sampling = {"frames": frames, "stride": stride, "start": start, "clips_per_video": clips_per_video}
@@ -109,6 +124,7 @@ class VideoEvaluator:
             return Moments.load_npz(path), {"input": str(path), "kind": "statistics"}
         if path.suffix == ".npz" and path.is_file():
             clips = load_clip_array(path)
+            check_clip_frames(clips.shape[1], str(path))
             return clip_moments(self.model, clips, self.batch_size, self.progress), {"input": str(path), "clips": len(clips)}
         s = self.sampling
         cs = index_video_clips(path, s["frames"], s["stride"], s["start"], s["clips_per_video"])  # decoded per batch

@@ -7,14 +7,16 @@ metric). ``ImageSource.batches`` returns lists of (H, W, 3) uint8 arrays so that
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ulbench.errors import UserError
 
@@ -67,49 +69,132 @@ class ImageSource:
         return self._batches(batch_size, start, self.count if stop is None else stop)
 
 
-def _decode(path: Path) -> np.ndarray:
+def display_path(path: object) -> str:
+    """A path as text that any terminal prints: bytes of a non-UTF-8 file name (surrogate escapes) as ``\\udcff``."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# File formats each image extension should hold; another one is decoded by its content (as PIL, torch-fidelity and
+# clean-fid do) with a warning, since JPEG bytes in a .png mean the samples went through a lossy codec.
+EXPECTED_FORMATS = {".png": ("PNG",), ".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO")}
+
+
+class DecodeNotes:
+    """Warns once per input (a folder, a pair of folders) and kind about what decoding to 8-bit RGB changed: an
+    alpha channel dropped, the first frame of an animation taken, a format other than the extension says."""
+
+    def __init__(self, where: object):
+        self.where, self.seen = display_path(where), set()
+
+    def note(self, path: Path, mode: str, had_alpha: bool, frames: int, fmt: str | None) -> None:
+        name = display_path(path)
+        if had_alpha:
+            # Dropped, not composited: ADM's reference batches, torch-fidelity and clean-fid all convert("RGB"),
+            # which drops alpha; compositing onto a background would give pixels the references never saw.
+            self._warn("alpha", f"{name} has an alpha channel (mode {mode}): it is dropped (the RGB values are "
+                                "used as stored, as torch-fidelity and clean-fid do); save RGB images to silence this")
+        if frames > 1:
+            self._warn("animated", f"{name} is animated ({frames} frames): only its first frame is used")
+        expected = EXPECTED_FORMATS.get(path.suffix.lower())
+        if fmt and expected and fmt not in expected:
+            self._warn("format", f"{name} holds {fmt} data although its extension is {path.suffix}: it is decoded "
+                                 f"as {fmt}" + (" (lossy: the metric sees JPEG artifacts)" if fmt == "JPEG" else ""))
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self.seen:
+            self.seen.add(kind)
+            warnings.warn(f"{self.where}: {message}. Other files of this input like it are not listed.",
+                          stacklevel=3)
+
+
+def _decode(path: Path, notes: DecodeNotes | None = None) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB: 16-bit images scaled (round(v / 257)), palettes, CMYK, gray expanded,
+    alpha dropped (``ulbench.data.transforms.decode_rgb``); a file that cannot be decoded is a ``UserError``."""
+    from ulbench.data.transforms import UnreadableImage, decode_rgb  # here: ulbench.data imports this module
+
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
+        rgb, info = decode_rgb(path, display_path(path))
+    except UnreadableImage as e:
+        raise UserError(f"cannot read image {display_path(path)}: {e.reason}. Remove or replace the file.") from None
+    if notes is not None:
+        notes.note(path, info.mode, info.had_alpha, info.frames, info.format)
+    return rgb
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the file's header (no decoding); a file PIL cannot open is a ``UserError`` naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's large-image note: the decoder raises if it is a bomb
+            with Image.open(path) as im:
+                return im.height, im.width
+    except Exception as e:  # noqa: BLE001  PIL signals bad files with many types (DecompressionBombError, ...)
+        raise UserError(f"cannot read image {display_path(path)}: {type(e).__name__}: {e}. Remove or replace the "
+                        "file.") from None
 
 
 def list_images(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    """Image files under ``folder`` (recursive, sorted); a symbolic link with an image name that leads nowhere
+    (broken, or a loop) is an error rather than an image silently left out."""
+    files, dangling = [], []
+    for p in folder.rglob("*"):
+        if p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        if p.is_file():
+            files.append(p)
+        elif p.is_symlink() and not p.exists():
+            dangling.append(p)
+    if dangling:
+        names = ", ".join(display_path(p) for p in sorted(dangling)[:3])
+        raise UserError(f"{display_path(folder)}: {len(dangling)} symbolic link(s) named like images lead to no file "
+                        f"(broken, or a link loop): {names}. Remove them or fix their targets.")
     if not files:
-        raise UserError(f"{folder}: no images found (looked recursively for {', '.join(IMAGE_EXTS)}).")
-    return files
+        raise UserError(f"{display_path(folder)}: no images found (looked recursively for {', '.join(IMAGE_EXTS)}).")
+    return sorted(files)
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, numbers.Integral) or limit < 1):
+        raise UserError(f"limit={limit!r}: the number of images to use must be an integer >= 1 (or no limit)")
 
 
 def folder_source(folder: Path, limit: int | None = None) -> ImageSource:
+    check_limit(limit)
     files = list_images(folder)[:limit]
     h = hashlib.sha256()
     for p in files:
         st = p.stat()
-        h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(p.relative_to(folder)) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    notes = DecodeNotes(folder)
 
     def batches(batch_size: int, start: int, stop: int) -> Iterator[list[np.ndarray]]:
         for i in range(start, stop, batch_size):
-            yield [_decode(p) for p in files[i: min(i + batch_size, stop)]]
+            yield [_decode(p, notes) for p in files[i: min(i + batch_size, stop)]]
 
-    with Image.open(files[0]) as im:
-        res = (im.height, im.width)
     return ImageSource(str(folder), len(files), batches, identity=f"folder:{folder.resolve()}:{h.hexdigest()}",
-                       resolution=res)
+                       resolution=_header_size(files[0]))
 
 
 def load_npz_images(path: Path) -> np.ndarray:
     """ADM sample batch layout: ``arr_0`` uint8 (N, H, W, 3)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "arr_0" not in z:
-                raise UserError(f"{path}: no 'arr_0' array (ADM sample layout, uint8 NHWC); found {sorted(z.files)}")
-            arr = z["arr_0"]
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read .npz ({e})") from None
+    from ulbench.metrics.stats import read_npz
+
+    fix = "Write samples as np.savez(path, images) with images uint8 (N, H, W, 3), the ADM sample layout."
+    with read_npz(path, fix) as z:
+        if "arr_0" not in z:
+            stats = "It holds 'mu': give it where statistics are accepted (eval fid)."
+            raise UserError(f"{path}: no 'arr_0' array (ADM sample layout, uint8 NHWC); found {sorted(z.files)}. "
+                            + (stats if "mu" in z else fix))
+        arr = z["arr_0"]
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise UserError(f"{path}: 'arr_0' must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+        hint = fix
+        if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+            hint = "It looks channels-first (N, C, H, W): save arr.transpose(0, 2, 3, 1). " + fix
+        elif arr.ndim == 3:
+            hint = "It has no channel axis (N, H, W): for gray images save np.repeat(arr[..., None], 3, -1). " + fix
+        elif arr.dtype != np.uint8:
+            hint = ("Quantize float samples like a saved PNG first (ulbench.metrics.images.quantize_images). " + fix)
+        raise UserError(f"{path}: 'arr_0' must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}. {hint}")
     if len(arr) == 0:
         raise UserError(f"{path}: 'arr_0' holds no images")
     return arr
@@ -149,6 +234,7 @@ def dataset_source(dataset, limit: int | None = None, name: str | None = None) -
     identity is the dataset's content fingerprint, so its statistics are cached across runs."""
     from ulbench.data.base import to_uint8
 
+    check_limit(limit)
     n = len(dataset) if limit is None else min(limit, len(dataset))
 
     def batches(batch_size: int, start: int, stop: int) -> Iterator[list[np.ndarray]]:
@@ -183,8 +269,9 @@ def photo_crops(seed: int, n: int = PHOTO_CROP_COUNT, size: int = PHOTO_CROP_SIZ
 def resolve_source(spec: str | os.PathLike | np.ndarray | torch.Tensor | Iterable, limit: int | None = None) -> ImageSource:
     """Folder path, prepared dataset (folder or zip), ADM .npz of images, ``photos:SEED`` (bundled real photo
     crops), tensor/array, iterable, or an ImageSource."""
+    check_limit(limit)
     if isinstance(spec, (np.ndarray, torch.Tensor)):
-        return array_source(spec[:limit] if limit else spec)
+        return array_source(spec[:limit])
     if isinstance(spec, ImageSource):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
@@ -208,9 +295,9 @@ def resolve_source(spec: str | os.PathLike | np.ndarray | torch.Tensor | Iterabl
         st = path.stat()
         return array_source(arr, name=s, identity=f"npz:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{limit}")
     if not path.exists():
-        raise UserError(f"'{s}': no such folder or file. Give an image folder, an .npz (arr_0 uint8 NHWC), "
-                        "a statistics .npz (mu, sigma) or photos:SEED.")
-    raise UserError(f"'{s}': not an image folder or .npz file.")
+        raise UserError(f"'{display_path(s)}': no such folder or file. Give an image folder, an .npz (arr_0 uint8 "
+                        "NHWC), a statistics .npz (mu, sigma) or photos:SEED.")
+    raise UserError(f"'{display_path(s)}': not an image folder or .npz file.")
 
 
 def prepare_batch(images: list[np.ndarray], mode: str) -> torch.Tensor:

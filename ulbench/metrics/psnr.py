@@ -6,12 +6,13 @@ data with data range 1 inflates every value by 20*log10(2) = 6.02 dB, a mistake 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ulbench.errors import UserError
-from ulbench.metrics.images import _decode, list_images, load_npz_images
+from ulbench.metrics.images import DecodeNotes, _decode, display_path, list_images, load_npz_images
 
 DATA_RANGE = 255.0
 
@@ -36,28 +37,69 @@ def summarize(values: np.ndarray) -> dict:
     return {"psnr_mean": float(np.mean(values)), "psnr_std": float(np.std(values)), "n": int(len(values))}
 
 
-def _load_set(spec: str | os.PathLike) -> tuple[list[str], list[np.ndarray]]:
-    path = Path(spec)
-    if path.is_dir():
-        files = list_images(path)
-        return [str(p) for p in files], [_decode(p) for p in files]
-    if path.suffix == ".npz" and path.is_file():
-        arr = load_npz_images(path)
-        return [f"{path}[{i}]" for i in range(len(arr))], list(arr)
-    raise UserError(f"'{spec}': not an image folder or .npz (arr_0 uint8 NHWC)")
+NAMES_SHOWN = 5  # unpaired names listed in an error
+
+
+def _keyed_images(folder: Path) -> dict[str, Path]:
+    """Image files of ``folder`` by pairing key: the relative path without its extension ('class/0001'), so that
+    originals saved as JPEG pair with reconstructions saved as PNG. Two files with one key are an error."""
+    by_key: dict[str, Path] = {}
+    for p in list_images(folder):
+        key = p.relative_to(folder).with_suffix("").as_posix()
+        if key in by_key:
+            raise UserError(f"PSNR pairs images by file name without extension: {display_path(by_key[key])} and "
+                            f"{display_path(p)} have the same name; keep one of them.")
+        by_key[key] = p
+    return by_key
+
+
+def _pair_folders(spec_a: Path, spec_b: Path) -> list[tuple[str, Path, Path]]:
+    a, b = _keyed_images(spec_a), _keyed_images(spec_b)
+    only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+    if only_a or only_b:
+        def listed(keys: list[str]) -> str:
+            more = f" and {len(keys) - NAMES_SHOWN} more" if len(keys) > NAMES_SHOWN else ""
+            return ", ".join(display_path(k) for k in keys[:NAMES_SHOWN]) + more
+
+        parts = [f"only in {display_path(d)}: {listed(keys)}" for d, keys in ((spec_a, only_a), (spec_b, only_b))
+                 if keys]
+        raise UserError(f"PSNR pairs images by file name (relative path, extension ignored): {display_path(spec_a)} "
+                        f"has {len(a)} images, {display_path(spec_b)} has {len(b)}, and their names differ ("
+                        f"{'; '.join(parts)}). Give two folders whose images have the same names.")
+    return [(k, a[k], b[k]) for k in sorted(a)]
 
 
 def psnr_paired(spec_a: str | os.PathLike, spec_b: str | os.PathLike) -> dict:
-    """PSNR between two folders (paired by sorted file name) or two .npz image arrays (paired by index)."""
-    names_a, imgs_a = _load_set(spec_a)
-    names_b, imgs_b = _load_set(spec_b)
-    if len(imgs_a) != len(imgs_b):
-        raise UserError(f"PSNR pairs images by sorted name: {spec_a} has {len(imgs_a)} images, {spec_b} has "
-                        f"{len(imgs_b)}; give two sets of the same size.")
-    values = np.empty(len(imgs_a))
-    for i, (x, y) in enumerate(zip(imgs_a, imgs_b)):
+    """PSNR between two folders, images paired by file name (relative path without extension), or between two
+    .npz image arrays, paired by index (arrays have no names); a folder and an array are not paired."""
+    path_a, path_b = Path(spec_a), Path(spec_b)
+    kinds = ["folder" if p.is_dir() else "npz" if p.suffix == ".npz" and p.is_file() else None
+             for p in (path_a, path_b)]
+    for p, kind in zip((path_a, path_b), kinds):
+        if kind is None:
+            raise UserError(f"'{display_path(p)}': not an image folder or .npz (arr_0 uint8 NHWC)")
+    if kinds[0] != kinds[1]:
+        raise UserError(f"PSNR pairs a folder's images by file name and an .npz's by index; {display_path(path_a)} "
+                        f"is a {kinds[0]} and {display_path(path_b)} a {kinds[1]}. Give two folders or two .npz files.")
+    pairs = (_npz_pairs if kinds[0] == "npz" else _folder_pairs)(path_a, path_b)
+    values = []
+    for key, x, y in pairs:  # one pair in memory at a time
         if x.shape != y.shape:
-            raise UserError(f"PSNR: {names_a[i]} is {x.shape[1]}x{x.shape[0]} but its pair {names_b[i]} is "
-                            f"{y.shape[1]}x{y.shape[0]}")
-        values[i] = psnr_per_image(x[None], y[None])[0]
-    return summarize(values)
+            raise UserError(f"PSNR: {key} is {x.shape[1]}x{x.shape[0]} in {display_path(path_a)} but "
+                            f"{y.shape[1]}x{y.shape[0]} in {display_path(path_b)}; pairs must have the same size")
+        values.append(psnr_per_image(x[None], y[None])[0])
+    return summarize(np.asarray(values))
+
+
+def _npz_pairs(path_a: Path, path_b: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    imgs_a, imgs_b = load_npz_images(path_a), load_npz_images(path_b)
+    if len(imgs_a) != len(imgs_b):
+        raise UserError(f"PSNR pairs .npz images by index: {display_path(path_a)} has {len(imgs_a)} images, "
+                        f"{display_path(path_b)} has {len(imgs_b)}; give two arrays of the same length.")
+    return ((f"image {i}", x, y) for i, (x, y) in enumerate(zip(imgs_a, imgs_b)))
+
+
+def _folder_pairs(path_a: Path, path_b: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    notes = DecodeNotes(f"{display_path(path_a)} and {display_path(path_b)}")
+    pairs = _pair_folders(path_a, path_b)  # names checked before any image is decoded
+    return ((display_path(k), _decode(pa, notes), _decode(pb, notes)) for k, pa, pb in pairs)

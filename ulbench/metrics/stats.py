@@ -6,7 +6,11 @@ statistics use the ADM / guided-diffusion ``.npz`` layout (``mu``, ``sigma``) so
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +18,30 @@ import torch
 
 from ulbench.errors import UserError
 from ulbench.io import atomic_write
+
+# What numpy and zipfile raise on a truncated, corrupt or foreign ".npz": no central directory (BadZipFile), a cut
+# member (EOFError, zlib.error, ValueError), a member's CRC (BadZipFile), a compression numpy cannot read
+# (NotImplementedError), a pickle refused without allow_pickle (ValueError), I/O (OSError).
+NPZ_READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+
+
+@contextlib.contextmanager
+def read_npz(path: str | os.PathLike, fix: str) -> Iterator[np.lib.npyio.NpzFile]:
+    """``np.load(path)`` of an ``.npz`` archive; any failure to read it (on opening or reading a member inside the
+    ``with`` body) is a ``UserError`` naming ``path`` and ending with ``fix``."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except NPZ_READ_ERRORS as e:
+        raise UserError(f"{path}: cannot read this .npz ({type(e).__name__}: {e}): the file is truncated, corrupt "
+                        f"or not an .npz archive. {fix}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: a single .npy array, not an .npz archive. {fix}")
+    with archive:
+        try:
+            yield archive
+        except NPZ_READ_ERRORS as e:
+            raise UserError(f"{path}: cannot read an array of this .npz ({type(e).__name__}: {e}): the file is "
+                            f"truncated or corrupt. {fix}") from None
 
 
 class FeatureStats:
@@ -92,21 +120,25 @@ class Moments:
 
     @staticmethod
     def load_npz(path: str | os.PathLike) -> "Moments":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "mu" not in z or "sigma" not in z:
-                    raise UserError(
-                        f"{path}: not a statistics file: expected arrays 'mu' and 'sigma' (ADM layout), "
-                        f"found {sorted(z.files)}. Write one with `ulbench eval stats FOLDER -o {path}`."
-                    )
-                mu = np.asarray(z["mu"], dtype=np.float64)
-                sigma = np.asarray(z["sigma"], dtype=np.float64)
-                n = int(z["n"]) if "n" in z else 0
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot read statistics .npz ({e})") from None
+        fix = f"Write it again with `ulbench eval stats FOLDER -o {path}`."
+        with read_npz(path, fix) as z:
+            if "mu" not in z or "sigma" not in z:
+                raise UserError(f"{path}: not a statistics file: expected arrays 'mu' and 'sigma' (ADM layout), "
+                                f"found {sorted(z.files)}. {fix}")
+            mu = np.asarray(z["mu"], dtype=np.float64)
+            sigma = np.asarray(z["sigma"], dtype=np.float64)
+            n = z["n"] if "n" in z else np.asarray(0)
+        count = n.item() if n.size == 1 and n.dtype.kind in "iuf" else -1
+        if not (count >= 0 and float(count).is_integer()):
+            raise UserError(f"{path}: 'n' must be the sample count, a non-negative integer; got {n.dtype} {n.shape} "
+                            f"{n.ravel()[:3]}")
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise UserError(f"{path}: 'mu' has shape {mu.shape} and 'sigma' {sigma.shape}; expected (D,) and (D, D)")
-        return Moments(mu=mu, sigma=sigma, n=n)
+        for name, x in (("mu", mu), ("sigma", sigma)):
+            if not np.isfinite(x).all():
+                raise UserError(f"{path}: '{name}' holds {int((~np.isfinite(x)).sum())} NaN or infinite value(s): "
+                                f"the statistics were computed from bad features. {fix}")
+        return Moments(mu=mu, sigma=sigma, n=int(count))
 
 
 def is_stats_file(spec: object) -> bool:
@@ -114,10 +146,13 @@ def is_stats_file(spec: object) -> bool:
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).endswith(".npz") or not os.path.isfile(spec):
         return False
     try:
-        with np.load(spec, allow_pickle=False) as z:
-            return "mu" in z.files
-    except (OSError, ValueError):
+        archive = np.load(spec, allow_pickle=False)
+    except NPZ_READ_ERRORS:  # unreadable: the image or clip reader names the file and the problem
         return False
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        return False
+    with archive:
+        return "mu" in archive.files
 
 
 def _clip_noise(w: np.ndarray) -> np.ndarray:
@@ -165,7 +200,7 @@ def bootstrap_frechet(
     The reference side is held fixed (usually a large precomputed set); its square root is computed once.
     """
     if reps < 2:
-        raise ValueError("bootstrap needs at least 2 repetitions")
+        raise UserError(f"bootstrap repetitions = {reps}: a percentile interval needs at least 2 (use 0 for none)")
     x = features.to(torch.float64).numpy()
     n = x.shape[0]
     rng = np.random.default_rng(seed)

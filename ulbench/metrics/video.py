@@ -75,8 +75,33 @@ def probe_video(path: Path) -> tuple[int, float]:
 
     if path.stat().st_size == 0:
         raise RuntimeError("zero-byte file")
-    reader = decord.VideoReader(str(path), num_threads=1)
-    return len(reader), float(reader.get_avg_fps())
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        n_frames, fps = len(reader), float(reader.get_avg_fps())
+    except decord.DECORDError as e:  # not a RuntimeError: callers catch RuntimeError for every decoding failure
+        raise RuntimeError(_decord_reason(e)) from None
+    if n_frames < 1:
+        raise RuntimeError("no video frames")
+    return n_frames, fps
+
+
+def _decord_reason(e: BaseException) -> str:
+    """decord's message without its C++ source location: the first line that says something."""
+    lines = [ln.split(": ", 1)[-1] if ln.startswith("[") else ln for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def read_frames(path: Path, idx: list[int]) -> np.ndarray:
+    """Frames ``idx`` of a video as (T, H, W, C) uint8 RGB; a file that fails to decode (truncated, changed since
+    it was probed) is a ``UserError`` naming it."""
+    import decord
+
+    try:
+        return decord.VideoReader(str(path), num_threads=1).get_batch(idx).asnumpy()
+    except (decord.DECORDError, RuntimeError, OSError) as e:
+        raise UserError(f"{path}: cannot decode frames {idx[0]}..{idx[-1]} ({_decord_reason(e)}): the video is "
+                        "truncated or corrupt. Remove it or re-encode it (e.g. `ffmpeg -i in.mp4 -c:v libx264 "
+                        "out.mp4`).") from None
 
 
 class StreamedClips(Sequence):
@@ -90,11 +115,9 @@ class StreamedClips(Sequence):
         return len(self.windows)
 
     def _clip(self, i: int) -> np.ndarray:
-        import decord
-
         path, first = self.windows[i]
         idx = list(range(first, first + (self.frames - 1) * self.stride + 1, self.stride))
-        clip = decord.VideoReader(str(path), num_threads=1).get_batch(idx).asnumpy()  # (T, H, W, C) uint8 RGB
+        clip = read_frames(path, idx)  # (T, H, W, C) uint8 RGB
         return clip if self.size is None else _resize_clip(clip, self.size)
 
     def __getitem__(self, i):
@@ -136,9 +159,12 @@ def index_video_clips(
             result.skipped_short.append(str(path))
         windows += [(path, f) for f in firsts]
     if not windows:
+        named = "".join(f" ({what}: {', '.join(Path(p).name for p in paths[:3])}{', ...' if len(paths) > 3 else ''})"
+                        for what, paths in (("unreadable", result.unreadable), ("short", result.skipped_short))
+                        if paths)
         raise UserError(
             f"{root}: no clip could be read: {len(files)} video file(s) found, {len(result.unreadable)} unreadable, "
-            f"{len(result.skipped_short)} shorter than the {start + span} frames one clip needs "
+            f"{len(result.skipped_short)} shorter than the {start + span} frames one clip needs{named} "
             f"(start={start}, frames={frames}, stride={stride}). Use longer videos, a smaller start/stride/frames, "
             f"or re-encode unreadable files (e.g. `ffmpeg -i in.mp4 -c:v libx264 out.mp4`)."
         )
@@ -172,22 +198,20 @@ def read_video_clips(
 
 def load_clip_array(path: str | os.PathLike) -> np.ndarray:
     """Read uint8 clips (N, T, H, W, 3) from an ``.npz`` (``arr_0``, as ``np.savez(path, clips)`` writes it)."""
-    fix = "save clips with `np.savez(path, clips)` where clips is uint8 RGB shaped (N, T, H, W, 3)"
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: cannot read clip array ({e}); {fix}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise UserError(f"{path}: not an .npz archive; {fix}")
-    with archive:
+    from ulbench.metrics.stats import NPZ_READ_ERRORS, read_npz
+
+    fix = "Save clips with `np.savez(path, clips)` where clips is uint8 RGB shaped (N, T, H, W, 3)."
+    with read_npz(path, fix) as archive:
         if "arr_0" not in archive.files:
-            raise UserError(f"{path}: no array 'arr_0' (found {sorted(archive.files)}); {fix}")
-        try:  # a stored (uncompressed) archive is memory-mapped, a compressed one read whole
-            clips = open_npz_array(path)
-        except (OSError, ValueError) as e:  # e.g. an object array, refused without pickle
-            raise UserError(f"{path}: cannot read arr_0 ({e}); {fix}") from None
+            raise UserError(f"{path}: no array 'arr_0' (found {sorted(archive.files)}). {fix}")
+    try:  # a stored (uncompressed) archive is memory-mapped, a compressed one read whole
+        clips = open_npz_array(path)
+    except (*NPZ_READ_ERRORS, KeyError) as e:  # an object array (refused without pickle), data cut short, ...
+        raise UserError(f"{path}: cannot read arr_0 ({type(e).__name__}: {e}). {fix}") from None
     if clips.dtype != np.uint8:
-        raise UserError(f"{path}: arr_0 has dtype {clips.dtype}, expected uint8 (0..255); {fix}")
+        raise UserError(f"{path}: arr_0 has dtype {clips.dtype}, expected uint8 (0..255). {fix}")
     if clips.ndim != CLIP_NDIM or clips.shape[-1] != RGB_CHANNELS or 0 in clips.shape:
-        raise UserError(f"{path}: arr_0 has shape {clips.shape}, expected non-empty (N, T, H, W, 3); {fix}")
+        hint = " It looks channels-first: save clips.transpose(0, 1, 3, 4, 2)." if (
+            clips.ndim == CLIP_NDIM and clips.shape[2] == RGB_CHANNELS) else ""
+        raise UserError(f"{path}: arr_0 has shape {clips.shape}, expected non-empty (N, T, H, W, 3).{hint} {fix}")
     return clips
