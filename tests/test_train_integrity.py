@@ -343,3 +343,15 @@ def test_the_cli_reports_a_full_disk_in_one_paragraph_with_exit_2(tmp_path):
     assert len(error) == 1 and "weights.safetensors: no space left on the device" in error[0]
     assert "bytes) to write for the whole checkpoint" in error[0] and re.search(r"\d+ bytes\)? free there", error[0])
     assert not (out / "checkpoint-00000001").exists() and not (out / "latest.json").exists()
+
+
+def test_the_cli_reports_divergence_in_one_paragraph_with_exit_1(monkeypatch, capsys):
+    import ulbench.cli as cli
+
+    def diverged(args):
+        raise FloatingPointError("step 7: non-finite loss (NaN or inf); 11 non-finite step(s) in this run")
+
+    monkeypatch.setattr(cli, "cmd_psnr", diverged)  # any command that trains would raise the same way
+    assert cli.main(["eval", "psnr", "a", "b"]) == 1
+    err = capsys.readouterr().err
+    assert "step 7: non-finite loss" in err and "Traceback" not in err and err.count("\n") == 1

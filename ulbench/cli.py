@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ulbench: interrupted", file=sys.stderr)
         return 130
+    except FloatingPointError as e:  # training diverged past max_nonfinite_steps: the message names step and terms
+        print(f"ulbench: error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         if not _is_peer_failure(e):
             raise
