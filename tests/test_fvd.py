@@ -84,16 +84,6 @@ def test_restricted_unpickler_reads_all_arrays(i3d_arrays):
     assert i3d_arrays["batch_stats/Mixed_5c/Branch_0/Conv3d_0a_1x1/BatchNorm_0/var"].shape == (1, 1, 1, 1, 384)
 
 
-def test_restricted_unpickler_refuses_code(tmp_path):
-    sentinel = tmp_path / "pwned"
-    evil = tmp_path / "evil.ckpt"
-    evil.write_bytes(f"cos\nsystem\n(S'touch {sentinel}'\ntR.".encode())  # protocol-0 call of os.system
-    with pytest.raises(UserError) as e:
-        read_i3d_checkpoint(evil)
-    assert "os.system" in str(e.value) and str(evil) in str(e.value)
-    assert not sentinel.exists()
-
-
 def test_from_arrays_rejects_wrong_checkpoints(i3d_arrays):
     missing = dict(i3d_arrays)
     del missing["params/Mixed_4c/Branch_2/Conv3d_0b_3x3/Conv_0/kernel"]

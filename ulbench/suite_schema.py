@@ -18,6 +18,8 @@ from ulbench.errors import UserError
 from ulbench.metrics.registry import METRICS, metrics_for
 
 Key = tuple  # a key path: mapping keys (str) and list indices (int), e.g. ("methods", 0, "preset")
+INT64_MAX = 2**63 - 1  # integers are stored as int64 (torch seeds, step counts, sample indices)
+MAX_SHOWN = 80  # characters of a bad value quoted in an error
 
 
 class SuiteError(UserError):
@@ -39,12 +41,16 @@ def show(value: Any) -> str:
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
     if isinstance(value, str):
-        return f"'{value}' (a string)"
+        return f"'{value if len(value) <= MAX_SHOWN else value[:MAX_SHOWN - 3] + '...'}' (a string)"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
 
 
 def did_you_mean(word: Any, choices: Sequence[str]) -> str | None:
@@ -101,13 +107,17 @@ class Checker:
                 self.fail((*path, key), "missing (required)")
         return value
 
-    def integer(self, value: Any, path: Key, minimum: int) -> int:
-        """An int >= ``minimum``; integral floats and numeric strings ("5e4") are accepted, booleans are not."""
+    def integer(self, value: Any, path: Key, minimum: int, maximum: int = INT64_MAX) -> int:
+        """An int in [``minimum``, ``maximum``]; integral floats and numeric strings ("5e4") are accepted, booleans
+        are not."""
         x = to_float(value)
         if x is None or x != int(x):
             self.fail(path, f"expected an integer >= {minimum}, got {show(value)}")
         if x < minimum:
             self.fail(path, f"must be >= {minimum}, got {int(x)}")
+        if x > maximum:
+            self.fail(path, f"must be <= {maximum}{' (a 64-bit integer)' if maximum == INT64_MAX else ''}, got "
+                      f"{show(value)}")
         return int(x)
 
     def number(self, value: Any, path: Key, above: float | None = None, below: float | None = None,
@@ -168,6 +178,12 @@ VIDEO_DEFAULTS = {"frames": 16, "stride": 1, "fps": None, "clips_per_video": Non
 EVAL_DATASET_KEYS = ("path", "annotations", "split", "subset", "clips_per_video", "hop")
 METHOD_NAME = r"[a-z0-9][a-z0-9_-]*"
 MAX_RUNGS = 1000  # a {start, factor, count} ladder longer than this is a typo, not a sweep
+MAX_LOG10_FLOPS = 300  # a ladder's rungs stay well inside a float's range (1.8e308)
+# Items a metric needs at least: a Frechet distance needs a covariance, KID's unbiased MMD pairs of items; the
+# others are per-item means (1).
+MIN_ITEMS = {"fid": 2, "kid": 2, "rfid": 2, "fvd": 2, "rfvd": 2}
+MIN_BOOTSTRAP = 2  # evaluation.bootstrap: 0 (no interval) or at least 2 resamples for a percentile interval
+MIN_KID_SUBSET = 2
 # Defaults of the optional keys of the sections (required: dataset.name, dataset.resolution, methods[].name,
 # methods[].preset, compute.ladder; dataset.path when dataset.name is prepared or folder).
 DATASET_DEFAULTS = {"path": None, "split": "train", "subset": None, "class_conditional": False, "xflip": False,
@@ -509,7 +525,8 @@ def _read_ladder(ck: Checker, raw: Any, p: Key) -> tuple[float, ...]:
         count = ck.integer(d["count"], (*p, "count"), 1)
         if count > MAX_RUNGS:
             ck.fail((*p, "count"), f"must be <= {MAX_RUNGS}, got {count}")
-        if math.log10(start) + (count - 1) * math.log10(factor) > 300:
+        growth = (count - 1) * math.log10(factor)  # factor**(count - 1) itself must be a float, too
+        if growth > MAX_LOG10_FLOPS or math.log10(start) + growth > MAX_LOG10_FLOPS:
             ck.fail(p, f"the last rung {start:g} * {factor:g}**{count - 1} is beyond a float's range")
         return tuple(start * factor**i for i in range(count))
     items = ck.sequence(raw, p, "train FLOP budgets (or a mapping {start, factor, count})")
@@ -540,15 +557,40 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
                 "reference: dataset (a statistics file or folder has no labels)")
     sampler = read_sampler(ck, {**SAMPLER_DEFAULTS, **ck.mapping(d["sampler"], (*p, "sampler"),
                                                                  tuple(SAMPLER_DEFAULTS))}, (*p, "sampler"))
+    counts = {key: _read_count(ck, d[key], (*p, key), metrics, needs, dataset)
+              for key, needs in (("num_samples", "samples"), ("reference_size", "samples"),
+                                 ("num_reconstructions", "reconstructions")) if d[key] is not None}
+    bootstrap = ck.integer(d["bootstrap"], (*p, "bootstrap"), 0)
+    if 0 < bootstrap < MIN_BOOTSTRAP:
+        ck.fail((*p, "bootstrap"), f"0 (no interval) or at least {MIN_BOOTSTRAP} resamples (20 or more for a "
+                f"stable interval), got {bootstrap}")
+    fvds = [m for m in metrics if m in ("fvd", "rfvd")]
+    if fvds:
+        from ulbench.metrics.i3d import MIN_FRAMES
+
+        if dataset.frames < MIN_FRAMES:
+            ck.fail(("dataset", "frames"), f"{' and '.join(fvds)} embed clips with I3D, which needs at least "
+                    f"{MIN_FRAMES} frames (16 is the FVD protocol's length), got {dataset.frames}; use longer clips or "
+                    "leave them out of evaluation.metrics")
     return EvalSpec(
-        metrics=tuple(metrics), num_samples=ck.integer(d["num_samples"], (*p, "num_samples"), 1),
-        num_reconstructions=ck.integer(d["num_reconstructions"], (*p, "num_reconstructions"), 1),
-        reference=ck.string(d["reference"], (*p, "reference")),
-        reference_size=None if d["reference_size"] is None else ck.integer(d["reference_size"],
-                                                                            (*p, "reference_size"), 1),
-        sampler=sampler, guidance=read_guidance(ck, d["guidance"], (*p, "guidance")),
-        bootstrap=ck.integer(d["bootstrap"], (*p, "bootstrap"), 0),
-        kid_subset_size=ck.integer(d["kid_subset_size"], (*p, "kid_subset_size"), 1),
+        metrics=tuple(metrics), num_samples=counts["num_samples"], num_reconstructions=counts["num_reconstructions"],
+        reference=ck.string(d["reference"], (*p, "reference")), reference_size=counts.get("reference_size"),
+        sampler=sampler, guidance=read_guidance(ck, d["guidance"], (*p, "guidance")), bootstrap=bootstrap,
+        kid_subset_size=ck.integer(d["kid_subset_size"], (*p, "kid_subset_size"), MIN_KID_SUBSET),
         resize=ck.choice(d["resize"], (*p, "resize"), ("legacy", "clean")),
         batch_size=ck.integer(d["batch_size"], (*p, "batch_size"), 1),
         dataset=read_eval_dataset(ck, d["dataset"], dataset))
+
+
+def _read_count(ck: Checker, raw: Any, p: Key, metrics: Sequence[str], needs: str, dataset: DatasetSpec) -> int:
+    """num_samples, num_reconstructions or reference_size: at least what each metric using it needs (MIN_ITEMS)."""
+    n = ck.integer(raw, p, 1)
+    short = [m for m in metrics if METRICS[m].needs == needs and MIN_ITEMS.get(m, 1) > n]
+    if short:
+        items = ("clips" if dataset.video else "images") if p[-1] == "reference_size" else \
+            ("clips" if dataset.video else needs)
+        why = [w for w, ok in (("a Frechet distance needs a covariance", set(short) - {"kid"}),
+                               ("KID's unbiased estimate needs pairs", "kid" in short)) if ok]
+        ck.fail(p, f"{' and '.join(short)} need{'s' if len(short) == 1 else ''} at least "
+                f"{max(MIN_ITEMS[m] for m in short)} {items} ({'; '.join(why)}), got {n}")
+    return n
