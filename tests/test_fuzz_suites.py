@@ -2,17 +2,22 @@
 they share) and random ``--set`` strings. Every outcome must be a valid Suite (whose resolved dict loads back to
 the same suite) or a UserError that starts with the file that set the key and the key; never another exception.
 
-Derandomized (the same examples on every run, so CI is reproducible) and bounded: ~200 examples per test."""
+Derandomized (the same examples on every run, so CI is reproducible) and bounded: ~200 examples per test. The
+campaign (benchmarks/fuzz_suites.py) runs the same properties with more, random examples: ULBENCH_FUZZ_EXAMPLES,
+ULBENCH_FUZZ_SEED, and ULBENCH_FUZZ_OUTCOMES (a JSON file the outcome counts are added to)."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
+from collections import Counter
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from ul_model.train import TrainConfig
@@ -24,8 +29,17 @@ from ulbench.suite_schema import DATASET_DEFAULTS, EVAL_DEFAULTS, SAMPLER_DEFAUL
 REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted(p.name for p in (REPO / "suites").glob("*.yaml") if not p.name.startswith("_"))
 BLOCKS = sorted(p.name for p in (REPO / "suites").glob("_*.yaml"))
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+CAMPAIGN_SEED = os.environ.get("ULBENCH_FUZZ_SEED")
+FUZZ = settings(max_examples=int(os.environ.get("ULBENCH_FUZZ_EXAMPLES", 200)), deadline=None,
+                derandomize=CAMPAIGN_SEED is None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def campaign_seed(test):
+    return seed(int(CAMPAIGN_SEED))(test) if CAMPAIGN_SEED is not None else test
+
+
+OUTCOMES: Counter = Counter()  # "<test>: valid" / "<test>: UserError", for the campaign's table
 
 # Values a user might plausibly (or implausibly) write: other fields' valid values, numeric strings, specials.
 WORDS = ["", " ", "1e12", "-1", "0", "1", "2", "nan", "inf", "-inf", ".inf", ".nan", "1e400", "0x10", "yes", "~",
@@ -138,9 +152,11 @@ def dump(doc, **flow) -> str:
 
 def check_outcome(file: Path, sets: list[str], docs: list, make, labels: list[str]) -> None:
     """``make()`` returns a valid Suite, or raises a UserError naming the file (or --set) and the key."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0]
     try:
         suite = make()
     except UserError as e:
+        OUTCOMES[f"{test}: UserError"] += 1
         msg = str(e)
         roots = set(TOP_KEYS) | {"top level"} | {str(k) for d in docs if isinstance(d, dict) for k in d}
         roots |= {s.partition("=")[0].strip().split(".")[0] for s in sets}
@@ -158,9 +174,18 @@ def check_outcome(file: Path, sets: list[str], docs: list, make, labels: list[st
         assert any(rest.startswith((f"{r}: ", f"{r}.", f"{r}[")) for r in roots), \
             f"the error names no key of the suite: {msg!r}"
         return
+    OUTCOMES[f"{test}: valid"] += 1
     again = file.with_name("resolved.yaml")
     again.write_text(yaml.safe_dump(suite.to_dict(), allow_unicode=True, sort_keys=False))
     assert load_suite(again).to_dict() == {**suite.to_dict(), "name": suite.name}  # to_dict() is itself a suite
+
+
+@pytest.fixture(scope="module", autouse=True)
+def outcome_counts():
+    yield
+    path = os.environ.get("ULBENCH_FUZZ_OUTCOMES")
+    if path:
+        Path(path).write_text(json.dumps(dict(sorted(OUTCOMES.items())), indent=2) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +200,7 @@ def read(name: str):
     return yaml.safe_load((REPO / "suites" / name).read_text())
 
 
+@campaign_seed
 @FUZZ
 @given(data=st.data())
 def test_mutated_suites_load_or_fail_located(folder, data):
@@ -212,6 +238,7 @@ def set_key(data: st.DataObject, doc) -> str:
         if kind == "tail" else key
 
 
+@campaign_seed
 @FUZZ
 @given(data=st.data())
 def test_random_set_strings_load_or_fail_located(folder, data):
