@@ -40,3 +40,31 @@ def test_tolerances_from_the_seed_spread(tmp_path):
     r = run_cli("baseline", str(base), "-o", str(tmp_path / "cli.json"), "--spread", str(s1), str(s2))
     assert r.returncode == 0 and "3 x the spread of 2 other seeds" in r.stdout
     assert json.loads((tmp_path / "cli.json").read_text())["metrics"][0]["allowed"] == 12.0
+
+
+def test_nan_and_inf_values_fail_the_check(tmp_path):
+    """Every comparison with NaN is false: without an explicit test a NaN metric would pass as 'ok'."""
+    out = tmp_path / "baseline.json"
+    write_baseline(_run(tmp_path, "s0", fid=100.0, psnr=20.0), out)
+    for name, fid in (("nan", float("nan")), ("inf", float("inf")), ("ninf", float("-inf"))):
+        passed, entries = compare(_run(tmp_path, name, fid=fid, psnr=20.0), out)
+        assert not passed and [e["status"] for e in entries if e["point"] == "b0"] == ["NONFINITE"], entries
+        r = run_cli("check", str(tmp_path / name), "--baseline", str(out))
+        assert r.returncode == 1 and "NONFINITE" in r.stdout and "check FAILED" in r.stdout
+
+
+def test_a_baseline_is_never_made_from_nan(tmp_path):
+    r = run_cli("baseline", str(_run(tmp_path, "nan", fid=float("nan"), psnr=20.0)), "-o", str(tmp_path / "b.json"))
+    assert r.returncode == 2 and "non-finite" in r.stderr and "m/b0/fid200" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "b.json").exists()
+
+
+def test_check_of_a_path_that_is_no_run_is_a_user_error(tmp_path):
+    out = tmp_path / "baseline.json"
+    write_baseline(_run(tmp_path, "s0", fid=100.0, psnr=20.0), out)
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "empty", tmp_path / "nowhere"):
+        r = run_cli("check", str(path), "--baseline", str(out))
+        assert r.returncode == 2, r.stdout
+        assert str(path) in r.stderr and "ulbench run" in r.stderr and "Traceback" not in r.stderr
+        assert "MISSING" not in r.stdout

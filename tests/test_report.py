@@ -199,3 +199,47 @@ def test_cli_and_default_out_dir(make_run, tmp_path, monkeypatch, capsys):
     assert main(["report", str(run)]) == 0
     assert (tmp_path / "reports" / "tiny" / "index.html").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def _set_grid(run, index: int, grid: str) -> None:
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    rows[index]["grid"] = grid
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_reads_no_file_outside_the_run(make_run, tmp_path):
+    """results.jsonl names its grids; a row naming ../x, an absolute path or a symlink that leads out of the run
+    directory is skipped with a warning naming the row, and nothing of the file reaches the report."""
+    secret = tmp_path / "secret.png"
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(secret)
+    secret_b64 = base64.b64encode(secret.read_bytes()).decode("ascii")
+    run = make_run()
+    (run / "methods/link.png").symlink_to(secret)
+    for grid in ("../secret.png", str(secret), "methods/link.png"):
+        _set_grid(run, 0, grid)  # row 1: ul-tiny/stage1
+        r = write_report(run, tmp_path / "out")
+        page = r["paths"]["index.html"].read_text()
+        assert secret_b64 not in page, grid
+        assert [w for w in r["warnings"] if "row 1 (ul-tiny/stage1)" in w and "outside the run directory" in w], \
+            r["warnings"]
+        assert all(p.read_bytes() != secret.read_bytes() for p in (tmp_path / "out" / "grids").iterdir())
+
+
+def test_report_writes_stay_in_the_report_folder(make_run, tmp_path, monkeypatch):
+    run = make_run()
+    monkeypatch.chdir(tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    for suite in ("../../escaped", "/tmp/escaped", ".."):
+        (run / "config.json").write_text(json.dumps({**config, "suite": suite}))
+        with pytest.raises(UserError, match="outside reports/"):
+            write_report(run)
+    assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "reports").exists()
+    assert main(["report", str(run)]) == 2  # a UserError: one paragraph, exit 2
+    # a grids/ folder that is a symlink out of the chosen folder is refused, not written through
+    (run / "config.json").write_text(json.dumps(config))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "grids").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="outside the report folder"):
+        write_report(run, tmp_path / "out")
+    assert not any((tmp_path / "elsewhere").iterdir())

@@ -109,3 +109,87 @@ def test_report_of_a_real_run_embeds_its_plots(clean_run, tmp_path):
         data = p.read_bytes()
         assert len(data) > 1000 and base64.b64encode(data).decode() in html
     assert sorted(out["plotted"]["metric"]) == ["fid48"] * 3 + ["kid48"] * 3  # one FID and one KID point per rung
+
+
+def _folder_suite(folder: Path) -> Path:
+    """The micro suite on an image folder given by a path relative to ``folder`` (the working directory)."""
+    from conftest import MICRO, write_pngs
+
+    from ulbench.metrics.images import photo_crops
+
+    write_pngs(photo_crops(0, 6, size=32), folder / "imgs" / "a")
+    suite = folder / "suites" / "micro-folder.yaml"
+    suite.parent.mkdir()
+    suite.write_text(MICRO.replace("dataset: {name: photos, resolution: 32, subset: 512}",
+                                   "dataset: {name: folder, path: imgs, resolution: 32}"))
+    return suite
+
+
+def test_resume_from_another_directory_reads_the_same_files(tmp_path, monkeypatch):
+    """`ulbench run` read dataset.path relative to its working directory; a resume (or a SLURM job) started
+    elsewhere reads the same folder: the run's suite stores it absolute."""
+    from ulbench.data import load_suite_dataset
+    from ulbench.sweep import create_run, load_run_plans
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    _folder_suite(start)
+    monkeypatch.chdir(start)
+    run = create_run("suites/micro-folder.yaml", [], Path("runs"), "x").resolve()
+    config = json.loads((run / "config.json").read_text())
+    assert config["suite_file"] == str(start / "suites" / "micro-folder.yaml")
+    assert config["resolved"]["dataset"]["path"] == str(start / "imgs")
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "imgs").mkdir()  # a folder of the same name here must not be what the run reads
+    suite, _, _ = load_run_plans(run)
+    ds = load_suite_dataset(suite)
+    assert len(ds) == 6 and suite.dataset.path == str(start / "imgs")
+
+
+def test_resume_runs_the_suite_copy_it_started_with(tmp_path, monkeypatch, caplog):
+    """The run stores its resolved suite (suite.yaml) and the suite file's sha256: an edited, moved or deleted
+    suite file does not change what a resume measures; an edited copy is refused."""
+    import hashlib
+    import logging
+
+    from ulbench.errors import UserError
+    from ulbench.sweep import create_run, load_run_plans
+
+    monkeypatch.chdir(tmp_path)
+    suite_file = _folder_suite(tmp_path)
+    original = suite_file.read_bytes()
+    run = create_run(str(suite_file), ["evaluation.num_samples=40"], tmp_path / "runs", "x")
+    config = json.loads((run / "config.json").read_text())
+    assert config["suite_sha256"] == hashlib.sha256(original).hexdigest()
+    assert config["resolved"]["evaluation"]["num_samples"] == 40
+    suite_file.write_text(original.decode().replace("num_samples: 48", "num_samples: 24"))
+    with caplog.at_level(logging.WARNING, logger="ulbench.sweep"):
+        suite, plans, _ = load_run_plans(run)
+    assert suite.evaluation.num_samples == 40 and suite.to_dict() == config["resolved"]
+    new_hash = hashlib.sha256(suite_file.read_bytes()).hexdigest()
+    assert any(config["suite_sha256"][:16] in m and new_hash[:16] in m and str(suite_file) in m
+               for m in caplog.messages), caplog.messages
+    suite_file.unlink()
+    assert load_run_plans(run)[0].evaluation.num_samples == 40
+    copy = run / "suite.yaml"
+    copy.write_text(copy.read_text().replace("num_samples: 40", "num_samples: 8"))
+    with pytest.raises(UserError, match="differs from the suite stored in"):
+        load_run_plans(run)
+    copy.unlink()  # rewritten from config.json
+    assert load_run_plans(run)[0].evaluation.num_samples == 40 and copy.is_file()
+
+
+@pytest.mark.parametrize("name", ["", " ", "../x", "a/b", "..", ".", "a\\b"])
+def test_run_name_is_one_folder_name(name, micro, tmp_path):
+    from ulbench.errors import UserError
+    from ulbench.sweep import create_run
+
+    with pytest.raises(UserError, match="a run name is one folder name"):
+        create_run(str(micro), [], tmp_path / "runs", name)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+def test_run_name_cli_error(micro, tmp_path):
+    r = run_cli("run", str(micro), "--runs-dir", str(tmp_path / "runs"), "--name", "../escaped", "--no-progress")
+    assert r.returncode == 2 and "--name '../escaped'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "runs").exists()

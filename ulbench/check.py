@@ -3,12 +3,13 @@
 ``ulbench baseline RUN -o FILE`` writes the baseline from a real run (values are measured, never typed in; with
 ``--spread RUN2 RUN3`` each metric's tolerance is set from the measured seed-to-seed spread);
 ``ulbench check RUN --baseline FILE`` fails (exit 1) with a readable table when a metric moved past its tolerance
-in the bad direction (``higher_is_better``; two-sided when it is null), is missing, or was measured under another
-protocol fingerprint.
+in the bad direction (``higher_is_better``; two-sided when it is null), is missing, is not a finite number (NaN,
+inf), or was measured under another protocol fingerprint. A path that is no run directory is a UserError (exit 2).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ulbench.errors import UserError
@@ -35,10 +36,31 @@ def _fingerprint_id(row: dict) -> str:
 SPREAD_FACTOR = 3.0  # allowed = this x the largest seed-to-seed deviation measured (--spread) [choice]
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _run_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run directory; a path that is no run (no config.json, no results.jsonl) is a UserError, not a
+    table of MISSING entries."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory; give a directory made by `ulbench run` "
+                        "(runs/<suite>/<name>)")
+    if not (run_dir / "config.json").is_file() and not (run_dir / "results.jsonl").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.json, no results.jsonl); give a directory made "
+                        "by `ulbench run` (runs/<suite>/<name>)")
+    return ResultsStore(run_dir / "results.jsonl").rows
+
+
 def _rows_of(run_dir: Path) -> list[dict]:
-    rows = ResultsStore(run_dir / "results.jsonl").rows
+    rows = _run_rows(run_dir)
     if not rows:
         raise UserError(f"{run_dir / 'results.jsonl'}: no results to make a baseline from")
+    bad = [f"{r.get('method')}/{r.get('point')}/{r.get('metric')} = {r.get('value')}" for r in rows
+           if not _finite(r.get("value"))]
+    if bad:
+        raise UserError(f"{run_dir / 'results.jsonl'}: non-finite values ({'; '.join(bad)}); a baseline must hold "
+                        "measured numbers: rerun those points or use another run")
     return rows
 
 
@@ -95,9 +117,10 @@ def _load_baseline(path: Path) -> dict:
 
 
 def compare(run_dir: str | Path, baseline_path: str | Path) -> tuple[bool, list[dict]]:
-    """(passed, one entry per baseline metric with status ok / improved / REGRESSED / MISSING / PROTOCOL)."""
+    """(passed, one entry per baseline metric with status ok / improved / REGRESSED / MISSING / PROTOCOL /
+    NONFINITE). A NaN or infinite value fails: every comparison with NaN is false, so it would otherwise pass."""
+    current = {_key(r): r for r in _run_rows(Path(run_dir))}
     baseline = _load_baseline(Path(baseline_path))
-    current = {_key(r): r for r in ResultsStore(Path(run_dir) / "results.jsonl").rows}
     out = []
     for b in baseline["metrics"]:
         if "allowed" in b:  # measured from the seed-to-seed spread (write_baseline's spread runs)
@@ -112,6 +135,9 @@ def compare(run_dir: str | Path, baseline_path: str | Path) -> tuple[bool, list[
         r = current.get(_key(b))
         if r is None:
             out.append(entry | {"current": None, "delta": None, "status": "MISSING"})
+            continue
+        if not _finite(r["value"]) or not _finite(b["value"]):
+            out.append(entry | {"current": r["value"], "delta": None, "status": "NONFINITE"})
             continue
         delta = r["value"] - b["value"]
         worse = {True: -delta, False: delta, None: abs(delta)}[b["higher_is_better"]]

@@ -345,21 +345,53 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+def _inside(folder: Path, path: Path) -> bool:
+    """Whether ``path`` (symlinks and ``..`` resolved) lies inside ``folder``."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _write_inside(out_dir: Path, rel: str, data: bytes) -> Path:
+    """Write ``out_dir/rel``, refusing a destination that resolves outside ``out_dir`` (e.g. a ``grids`` symlink)."""
+    dest = out_dir / rel
+    if not _inside(out_dir, dest):
+        raise UserError(f"{dest}: resolves to {dest.resolve()}, outside the report folder {out_dir}; remove the "
+                        "link or choose another --out")
+    atomic_bytes(dest, data)
+    return dest
+
+
 def copy_grids(run_dir: Path, df: pd.DataFrame, out_dir: Path) -> tuple[dict, list[str]]:
-    """Copy each row's sample grid to ``grids/<method>_<point>.png`` (``_g<guidance>`` when a point has several)."""
+    """Copy each row's sample grid to ``grids/<method>_<point>.png`` (``_g<guidance>`` when a point has several).
+    Only files inside the run directory are read: a ``grid`` naming an absolute path, ``../`` or a symlink that
+    leads out of it is skipped with a warning naming the row (results.jsonl is data, not a list of files to embed)."""
     g = df[df["grid"].notna()].drop_duplicates(["method", "point", "grid"])
     several = g.groupby(["method", "point"])["grid"].transform("nunique") > 1
     written, warnings = {}, []
-    for (_, r), multi in zip(g.iterrows(), several):
-        src = run_dir / r["grid"]
+    for (i, r), multi in zip(g.iterrows(), several):
+        src = run_dir / str(r["grid"])
+        if not isinstance(r["grid"], str) or not _inside(run_dir, src):
+            warnings.append(f"results.jsonl row {i + 1} ({r['method']}/{r['point']}): sample grid {r['grid']!r} lies "
+                            f"outside the run directory {run_dir}; not embedded")
+            continue
         if not src.is_file():
             warnings.append(f"missing sample grid {src} ({r['method']}/{r['point']})")
             continue
         suffix = f"_g{r['guidance']:g}" if multi and r["guidance"] is not None and not pd.isna(r["guidance"]) else ""
         rel = f"grids/{_safe(r['method'])}_{_safe(r['point'])}{suffix}.png"
-        atomic_bytes(out_dir / rel, src.read_bytes())
-        written[rel] = out_dir / rel
+        written[rel] = _write_inside(out_dir, rel, src.read_bytes())
     return written, warnings
+
+
+def default_out_dir(suite: str, where: Path) -> Path:
+    """``reports/<suite>``: the suite name comes from the run's config.json, so it must be a plain folder name that
+    keeps the report inside ``reports/``."""
+    reports = Path("reports")
+    out = reports / suite
+    if not suite or suite in (".", "..") or any(c in suite for c in "/\\\0") or not _inside(reports, out) \
+            or out.resolve() == reports.resolve():
+        raise UserError(f"{where}: suite name {suite!r} would place the report outside reports/ ({out.resolve()}); "
+                        "fix the name or pass --out DIR")
+    return out
 
 
 def _html_page(config: dict, table: pd.DataFrame, fp_lines: list[str], warnings: list[str], pngs: dict,
@@ -394,7 +426,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         raise UserError(f"{run_dir / 'config.json'}: compute.counts is '{counts}'; expected one of {list(X_LABELS)}")
     pub_name = (resolved.get("report") or {}).get("published")
     published = load_published(pub_name) if pub_name else None
-    out_dir = Path(out_dir) if out_dir is not None else Path("reports") / suite
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(str(suite), run_dir / "config.json")
     pngs, plotted, drawn = {}, [], []
     for base in ("fid", "kid", "fvd", "pred_psnr"):
         if ((df["metric_base"] == base) & ~df["point"].isin(["stage1", "control"])).any():
@@ -408,8 +440,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         drawn += labels
     paths = {}
     for name, data in pngs.items():
-        atomic_bytes(out_dir / name, data)
-        paths[name] = out_dir / name
+        paths[name] = _write_inside(out_dir, name, data)
     grids, warnings = copy_grids(run_dir, df, out_dir)
     paths.update(grids)
     pngs.update({rel: p.read_bytes() for rel, p in grids.items()})

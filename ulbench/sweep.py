@@ -1,6 +1,7 @@
 """Run a suite: train each method along the compute ladder, evaluate at every crossing, store one row per metric.
 
-Run directory ``runs/<suite>/<name>/``: ``config.json`` (resolved suite, plan, versions), ``results.jsonl`` (rewritten
+Run directory ``runs/<suite>/<name>/``: ``config.json`` (resolved suite, plan, versions, the suite file's absolute path
+and sha256), ``suite.yaml`` (the resolved suite, what ``--resume`` runs), ``results.jsonl`` (rewritten
 atomically, all rows of a point at once), ``methods/<method>/<stage>/`` (training runs with checkpoints),
 ``methods/<method>/points/<point>/`` (samples as ADM ``.npz``, ``grid.png``), ``logs/run.log``. ``--resume`` skips
 points whose rows are stored and continues training from the latest checkpoint.
@@ -14,6 +15,7 @@ import logging
 import os
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from ulbench.data.base import to_float, to_uint8
 from ulbench.errors import UserError
 from ulbench.io import atomic_write, write_json
 from ulbench.methods import get_kind
-from ulbench.methods.base import TrainData
+from ulbench.methods.base import TrainData, keep_checkpoints_at
 from ulbench.metrics.images import quantize_images
 from ulbench.metrics.registry import needs_of
 from ulbench.plan import MethodPlan, make_plan, resolve_device
@@ -108,6 +110,18 @@ def _sample_labels(n: int, first: int, suite, num_classes: int) -> torch.Tensor:
     if not suite.dataset.class_conditional:
         return torch.zeros(n, dtype=torch.long)
     return torch.arange(first, first + n) % num_classes
+
+
+@dataclass
+class SuiteTrainData(TrainData):
+    """TrainData that records, beside the spec string, the suite's whole dataset section (name, absolute path,
+    split, subset, resolution, ...) in each stage's config.json: ``ulbench reconstruct`` reopens exactly the images
+    the run trained on (the spec alone loses the split and the kind of path)."""
+
+    suite_dataset: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {**super().record(), "suite_dataset": self.suite_dataset}
 
 
 class Sweep:
@@ -341,10 +355,15 @@ class Sweep:
         kind = get_kind(plan.kind)
         workdir = self.run_dir / "methods" / plan.name
         d = self.suite.dataset
-        data = TrainData(self.data, xflip=d.xflip, workers=d.workers,
-                         source=str(Path(d.path).expanduser().resolve()) if d.path else d.name)
-        runner = kind.runner(plan.config, plan.train, workdir, self.device, self.suite.precision, data,
-                             self.progress)
+        data = SuiteTrainData(self.data, xflip=d.xflip, workers=d.workers,
+                              source=str(Path(d.path).expanduser().resolve()) if d.path else d.name,
+                              suite_dataset=absolute_paths({"dataset": d.to_dict()})["dataset"])
+        if not data.source:
+            raise UserError(f"{self.suite.file}: dataset: no dataset spec to record (name {d.name!r}, path "
+                            f"{d.path!r}); a run must say what it trained on: set dataset.name (and dataset.path)")
+        ends = {"stage1": [plan.stage1_steps or 0], plan.final_stage: plan.rung_steps}  # rung ends: kept
+        runner = kind.runner(plan.config, keep_checkpoints_at(plan.train, ends), workdir, self.device,
+                             self.suite.precision, data, self.progress)
         if plan.stage1_steps:
             log.info("%s: stage1 to step %d", plan.name, plan.stage1_steps)
             runner.train("stage1", plan.stage1_steps, resume=True)
@@ -421,11 +440,59 @@ def check_method_files(suite, plans: list[MethodPlan]) -> None:
                 raise UserError(f"{suite.file}: methods[{i}] ({p.name}): {e}") from None
 
 
+SUITE_COPY = "suite.yaml"  # the resolved suite a run was started with, beside its config.json
+
+
+def check_run_name(name: str) -> str:
+    """``--name``: one plain folder name under ``runs/<suite>/`` (a separator or ``..`` would put the run elsewhere)."""
+    if not name or not name.strip() or name in (".", "..") or any(c in name for c in "/\\") or \
+            any(ord(c) < 32 for c in name) or name.startswith("-"):
+        raise UserError(f"--name {name!r}: a run name is one folder name (e.g. ci, seed1, 2026-01-31): not empty, "
+                        "no '/' or '\\', not '.' or '..', no leading '-'; --runs-dir sets where runs go")
+    return name
+
+
+_PATH_KEYS = ("path", "annotations")  # dataset keys that name files, in `dataset` and `evaluation.dataset`
+
+
+def _absolute(path: str) -> str:
+    """A relative path as the process that read the suite saw it (relative to its working directory); ``~`` kept."""
+    return path if Path(path).expanduser().is_absolute() else os.path.abspath(path)
+
+
+def absolute_paths(resolved: dict) -> dict:
+    """The resolved suite with its relative file paths (dataset, evaluation dataset, reference) made absolute:
+    ``ulbench run`` read them relative to its working directory, and a resumed run or a SLURM job may start in
+    another. (Paths inside ``methods[].overrides``, e.g. a VAE folder, are the kinds' own; they are kept as given.)"""
+    out = json.loads(json.dumps(resolved))
+    sections = [out.get("dataset") or {}, (out.get("evaluation") or {}).get("dataset") or {}]
+    for section in sections:
+        for key in _PATH_KEYS:
+            if isinstance(section.get(key), str) and section[key]:
+                section[key] = _absolute(section[key])
+    ev = out.get("evaluation") or {}
+    if isinstance(ev.get("reference"), str) and ev["reference"] != "dataset":
+        ev["reference"] = _absolute(ev["reference"])
+    return out
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def create_run(suite_file: str, sets: list[str], runs_root: Path, name: str | None) -> Path:
-    """A new run directory holding its config.json (resolved suite, plan, versions); nothing trained yet."""
+    """A new run directory holding its config.json (resolved suite, plan, versions) and ``suite.yaml`` (the resolved
+    suite itself, what ``--resume`` runs); nothing trained yet."""
+    import yaml
+
     from ulbench import dist
     from ulbench.suite import check_paths
 
+    if name is not None:
+        check_run_name(name)
     suite = load_suite(suite_file, sets)
     check_paths(suite)
     name = dist.broadcast_from_main(name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -436,9 +503,14 @@ def create_run(suite_file: str, sets: list[str], runs_root: Path, name: str | No
     plans = make_plan(suite)
     check_method_files(suite, plans)
     dist.barrier()  # every rank has checked the run directory before rank 0 creates it
-    # The suite path is stored absolute: a resumed run or a SLURM job may start in another working directory.
-    config = {"suite": suite.name, "suite_file": str(Path(suite_file).resolve()), "sets": list(sets),
-              "resolved": suite.to_dict(),
+    # Resuming reads the run's own copy of the resolved suite (SUITE_COPY), not the suite file: the protocol a run
+    # measures is fixed when it starts, whatever happens to the file later (edited, moved, deleted) and whatever
+    # directory a resume or a SLURM job starts in (relative paths are stored absolute). The file's absolute path and
+    # sha256 are kept as provenance; a resume notes when the file has changed since.
+    resolved = absolute_paths(suite.to_dict())
+    suite_path = Path(suite_file).resolve()
+    config = {"suite": suite.name, "suite_file": str(suite_path), "suite_sha256": _sha256(suite_path),
+              "suite_copy": SUITE_COPY, "sets": list(sets), "resolved": resolved,
               "methods": {p.name: {"kind": p.kind, "preset": p.preset, "config": _jsonable(p.config),
                                    "train": p.train, "sampler": p.sampler, "guidance": list(p.guidance),
                                    "published": published_recipe(p), "flops_per_image": p.flops_per_image,
@@ -448,7 +520,12 @@ def create_run(suite_file: str, sets: list[str], runs_root: Path, name: str | No
               "git_commit": git_commit(), "versions": versions(),
               "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if dist.is_main():
-        write_json(run_dir / "config.json", config)
+        with atomic_write(run_dir / SUITE_COPY) as f:
+            f.write(f"# The resolved suite of this run (from {json.dumps(str(suite_path))}, sha256 "
+                    f"{config['suite_sha256']}, --set {json.dumps(list(sets))}): what `ulbench run --resume` runs. "
+                    "Do not edit.\n")
+            yaml.safe_dump(resolved, f, sort_keys=False, allow_unicode=True)
+        write_json(run_dir / "config.json", config)  # last: a config.json means a complete run directory
     dist.barrier()
     return run_dir
 
@@ -458,17 +535,45 @@ def start_run(suite_file: str, sets: list[str], runs_root: Path, name: str | Non
     return resume_run(create_run(suite_file, sets, runs_root, name), progress=progress)
 
 
+def _run_suite(run_dir: Path, config: dict):
+    """The suite a run was started with: its copy ``suite.yaml`` (written from config.json's ``resolved`` for runs
+    made before copies were kept), checked against ``resolved``."""
+    from ulbench.suite import SuiteError
+
+    copy = run_dir / config.get("suite_copy", SUITE_COPY)
+    if not copy.is_file():
+        import yaml
+
+        with atomic_write(copy) as f:
+            f.write("# The resolved suite of this run, from config.json: what `ulbench run --resume` runs.\n")
+            yaml.safe_dump(config["resolved"], f, sort_keys=False, allow_unicode=True)
+    try:
+        suite = load_suite(copy)
+    except SuiteError as e:
+        raise UserError(f"{run_dir}: its suite copy is damaged ({e}); restore {copy} or start a new run") from None
+    if json.loads(json.dumps(suite.to_dict())) != config["resolved"]:
+        raise UserError(f"{copy} differs from the suite stored in {run_dir / 'config.json'} (edited?); resuming would "
+                        f"mix two protocols. Delete {copy} (it is rewritten from config.json) or start a new run.")
+    file, recorded = Path(config.get("suite_file", "")), config.get("suite_sha256")
+    current = _sha256(file) if config.get("suite_file") else None
+    if recorded and current != recorded:
+        log.warning("note: %s %s since %s started (sha256 %s then, %s now); the run continues with its own copy %s",
+                    file, "changed" if current else "is gone", run_dir, recorded[:16],
+                    current[:16] if current else "-", copy)
+    return suite
+
+
 def load_run_plans(run_dir: str | Path):
     """(suite, plans, config) of a run directory, checked against what it was started with."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{run_dir}: no config.json; not a run directory made by `ulbench run`")
-    config = json.loads(cfg_path.read_text())
-    suite = load_suite(config["suite_file"], config.get("sets", []))
-    if json.loads(json.dumps(suite.to_dict())) != config["resolved"]:
-        raise UserError(f"{config['suite_file']} changed since {run_dir} started; resuming would mix two protocols. "
-                        "Restore the suite file or start a new run.")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}: not JSON ({e}); the run directory is damaged") from None
+    suite = _run_suite(run_dir, config)
     plans = make_plan(suite)
     for p in plans:
         if p.rung_steps != config["methods"][p.name]["rung_steps"]:

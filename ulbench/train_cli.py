@@ -59,6 +59,35 @@ def _recorded_spec(meta: dict) -> str:
     return data.get("spec", "") if isinstance(data, dict) else data
 
 
+def _recorded_dataset(run: str, meta: dict, cfg):
+    """The images a run trained on, from what its config.json recorded: a sweep's stage records the suite's whole
+    dataset section (split, subset, absolute path), reopened as the sweep opened it; `ulbench train` runs record the
+    ``--data`` spec. Nothing recorded (or an empty spec) is an error: never a default that reads whatever is here."""
+    from types import SimpleNamespace
+
+    from ulbench.data import load_dataset, load_suite_dataset
+    from ulbench.suite_schema import DatasetSpec
+
+    where = Path(run) / "config.json"
+    data = meta.get("data") or {}
+    section = data.get("suite_dataset") if isinstance(data, dict) else None
+    if section:
+        try:
+            spec = DatasetSpec(**section)
+        except TypeError as e:
+            raise UserError(f"{where}: data.suite_dataset is not a dataset section ({e}); pass --data") from None
+        ds = load_suite_dataset(SimpleNamespace(file=where), spec, "data.suite_dataset")
+    else:
+        spec = _recorded_spec(meta)
+        if not spec or not str(spec).strip():
+            raise UserError(f"{where}: records no dataset (data.spec is empty); pass --data with the images it "
+                            "trained on (photos, fashion-mnist, a prepared dataset or an image folder)")
+        ds = load_dataset(spec, cfg.resolution)
+    if ds.resolution != cfg.resolution:
+        raise UserError(f"{where}: the recorded dataset is {ds.resolution}px, the model {cfg.resolution}px; pass --data")
+    return ds
+
+
 def cmd_train_stage1(args) -> None:
     from ul_model.stages import train_stage1
 
@@ -156,10 +185,7 @@ def cmd_reconstruct(args) -> None:
 
     model, meta = _load(args.run, args.device)
     _images_only(model, args.run, "reconstruct")
-    spec = args.data or _recorded_spec(meta)
-    if not spec:
-        raise UserError(f"{args.run} records no dataset; pass --data")
-    ds = load_dataset(spec, model.cfg.resolution)
+    ds = load_dataset(args.data, model.cfg.resolution) if args.data else _recorded_dataset(args.run, meta, model.cfg)
     out = Path(args.out)
     for lo, (x, _) in zip(range(0, args.n, SAMPLE_BATCH), ds.batches(args.n, SAMPLE_BATCH)):
         x = to_float(x).to(args.device)
