@@ -56,6 +56,7 @@ def test_sweep_writes_every_point_with_nested_budgets(clean_run):
     assert 0 < bpp["value"] < 1
 
 
+@pytest.mark.slow
 def test_regression_check_catches_a_sampler_bug_and_passes_a_rerun(micro, clean_run, torchrun_run, tmp_path,
                                                                     monkeypatch):
     baseline = tmp_path / "micro.json"
