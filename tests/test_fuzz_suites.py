@@ -170,7 +170,7 @@ def check_outcome(file: Path, sets: list[str], docs: list, make, labels: list[st
         if rest.startswith("line "):  # YAML the parser refuses: the line and column are the location
             assert rest.split(": ", 1)[0].replace(",", "").split()[::2] == ["line", "column"], msg
             return
-        assert any(rest.startswith((f"{r}: ", f"{r}.", f"{r}[")) for r in roots), \
+        assert any(rest.startswith((f"{r}: ", f"{r}.", f"{r}[", f"[{r}]")) for r in roots), \
             f"the error names no key of the suite: {msg!r}"
         return
     OUTCOMES[f"{test}: valid"] += 1

@@ -386,3 +386,11 @@ def test_fvd_needs_clips_of_nine_frames():
         load_suite(REPO / "suites" / "video-smoke.yaml", ["dataset.frames=8"])
     assert "(--set dataset.frames=8): dataset.frames: fvd and rfvd embed clips with I3D, which needs at least 9 " \
            "frames" in str(e.value)
+
+
+def test_null_sample_count_is_a_located_error():
+    # found by benchmarks/fuzz_suites.py (3000 examples): `--set evaluation.num_samples=` gave a KeyError
+    suite = Path(__file__).resolve().parents[1] / "suites" / "fashion-mnist.yaml"
+    for key in ("num_samples", "num_reconstructions"):
+        with pytest.raises(SuiteError, match=rf"--set evaluation\.{key}=\): evaluation\.{key}: expected an integer"):
+            load_suite(suite, [f"evaluation.{key}="])

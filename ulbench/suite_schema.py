@@ -559,7 +559,8 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
                                                                  tuple(SAMPLER_DEFAULTS))}, (*p, "sampler"))
     counts = {key: _read_count(ck, d[key], (*p, key), metrics, needs, dataset)
               for key, needs in (("num_samples", "samples"), ("reference_size", "samples"),
-                                 ("num_reconstructions", "reconstructions")) if d[key] is not None}
+                                 ("num_reconstructions", "reconstructions"))
+              if d[key] is not None or key != "reference_size"}  # only reference_size may be null (= num_samples)
     bootstrap = ck.integer(d["bootstrap"], (*p, "bootstrap"), 0)
     if 0 < bootstrap < MIN_BOOTSTRAP:
         ck.fail((*p, "bootstrap"), f"0 (no interval) or at least {MIN_BOOTSTRAP} resamples (20 or more for a "
