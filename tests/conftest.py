@@ -8,6 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+try:  # before anything can import the standard library's distutils (Python <= 3.11)
+    # torch.compile on CPU imports setuptools (torch.utils.cpp_extension), whose distutils shim asserts that
+    # `distutils` is its own copy; in one fresh-clone CI worker an earlier test had left the stdlib one loaded and
+    # test_compiled_training_matches_eager failed with "AssertionError: .../python3.11/distutils/core.py".
+    # Importing setuptools first installs the shim once for the whole session.
+    import setuptools  # noqa: F401
+except ImportError:
+    pass
+
 from ulbench import assets
 from ulbench.metrics.images import photo_crops
 
