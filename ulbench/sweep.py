@@ -477,8 +477,11 @@ def absolute_paths(resolved: dict) -> dict:
 
 
 def _sha256(path: Path) -> str | None:
+    """The file's sha256, or None when it cannot be read (a suite file moved or deleted since)."""
+    from ulbench.assets import sha256_file
+
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 
