@@ -102,6 +102,30 @@ def test_bootstrap_interval_covers_estimate_and_shrinks_with_n():
     assert widths[1] < widths[0] / 2
 
 
+def test_bootstrap_small_n_form_equals_the_full_product():
+    """N <= D takes the N x N Gram form: its trace equals the D x D product's, and the whole interval equals a
+    bootstrap written out with frechet_distance on the same draws."""
+    from ulbench.metrics.stats import _trace_sqrt_gram
+
+    rng = np.random.default_rng(7)
+    d, n = 96, 30
+    ref_x = rng.standard_normal((400, d)) * np.linspace(0.1, 3, d)
+    ref = Moments(ref_x.mean(0), np.cov(ref_x, rowvar=False), 400)
+    x = rng.standard_normal((n, d)) + 0.2
+    xc = x - x.mean(0)
+    assert _trace_sqrt_gram(xc, ref.sigma, n - 1) == pytest.approx(
+        trace_sqrt_product(ref.sigma, xc.T @ xc / (n - 1)), rel=1e-10)
+    lo, hi, bias = bootstrap_frechet(torch.from_numpy(x), ref, reps=25, seed=3)
+    draws = np.random.default_rng(3)
+    full = [frechet_distance(Moments(xb.mean(0), np.cov(xb, rowvar=False), n), ref)
+            for xb in (x[draws.integers(0, n, n)] for _ in range(25))]
+    point = frechet_distance(Moments(x.mean(0), np.cov(x, rowvar=False), n), ref)
+    want_bias = np.mean(full) - point
+    want = np.quantile(full, [0.025, 0.975]) - want_bias
+    assert bias == pytest.approx(want_bias, rel=1e-9)
+    assert (lo, hi) == pytest.approx(tuple(want), rel=1e-9)
+
+
 def test_nearest_centroid_accuracy_closed_form():
     """Two well separated classes: samples drawn at their own class mean score 1, at the other class's mean 0, half
     and half 0.5; a class the reference lacks counts as a miss."""
