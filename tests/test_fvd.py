@@ -96,10 +96,26 @@ def test_from_arrays_rejects_wrong_checkpoints(i3d_arrays):
         I3D.from_arrays(bad)
 
 
-def test_state_dict_round_trips_through_safetensors(i3d, tmp_path):
+def test_folded_batch_norm_equals_the_unit(i3d_arrays):
+    """load_i3d folds each batch norm into its convolution: the same function (odd sizes take the asymmetric pad)."""
+    from ulbench.metrics.i3d import Unit3D
+
+    model = I3D.from_arrays(i3d_arrays)
+    for unit, size in ((model.Conv3d_2c_3x3, (5, 9, 9)), (model.Conv3d_1a_7x7, (6, 10, 11))):
+        x = torch.randn(2, unit.conv.in_channels, *size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = unit(x)
+            folded = Unit3D(unit.flax_name, unit.conv.in_channels, unit.conv.out_channels, unit.kernel, unit.stride)
+            folded.load_state_dict(unit.state_dict())
+            folded.fold_batch_norm()
+            assert folded.bn is None
+            torch.testing.assert_close(folded(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_round_trips_through_safetensors(i3d_arrays, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    sd = i3d.state_dict()
+    sd = I3D.from_arrays(i3d_arrays).state_dict()  # the layout converted once and cached (batch norms unfolded)
     assert len(sd) == N_CHECKPOINT_ARRAYS and all(isinstance(v, torch.Tensor) for v in sd.values())
     save_file(sd, tmp_path / "i3d.safetensors")
     fresh = I3D()
