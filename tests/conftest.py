@@ -20,7 +20,7 @@ except ImportError:
 from ulbench import assets
 from ulbench.metrics.images import photo_crops
 
-N_PARITY = 50  # images per side in parity tests: ~10 s of Inception per side on 2 CPU cores
+N_PARITY = 25  # images per side in parity tests: ~5 s of Inception per side on 2 CPU cores
 
 # Session fixtures that cost minutes (the micro suite's runs, the SLURM cluster): under pytest-xdist every test that
 # uses one goes to the same worker (``--dist loadgroup``), so each is built once, not once per worker.
