@@ -18,7 +18,7 @@ import yaml
 from ulbench.errors import UserError
 from ulbench.methods import get_kind
 from ulbench.metrics.registry import needing
-from ulbench.plan import FLOP_COUNT_BATCH, MethodPlan
+from ulbench.plan import FLOP_COUNT_BATCH, OFFICIAL_POINT, MethodPlan
 
 # An assumption, not a measurement: override it with what your own runs achieve, MFU = the plan's training FLOPs per
 # step x steps per second (a short run's logs) / (GPUs x peak). Sampling at small batches often achieves less.
@@ -183,7 +183,9 @@ def method_hours(suite, plan: MethodPlan, extractor: Extractor) -> MethodHours:
             lines.append(line)
     rung_eval = ev.num_samples * sum(per_sample.values())
     step_flops, previous = plan.flops_per_step(plan.final_stage), 0
-    for i, steps in enumerate(plan.rung_steps):
+    if plan.official is not None:  # a released checkpoint: evaluated once, not trained
+        points.append(Point(OFFICIAL_POINT, "not trained", 0.0, rung_eval))
+    for i, steps in enumerate(plan.rung_steps if plan.official is None else ()):
         points.append(Point(f"b{i}", f"{previous} -> {steps}", step_flops * (steps - previous), rung_eval))
         previous = steps
     return MethodHours(plan.name, points, per_sample, per_reconstruction, lines)
