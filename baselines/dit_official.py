@@ -89,7 +89,7 @@ def _hints(cfg: DiTConfig, state: dict, expected: dict) -> list[str]:
     """What the commonest shape mismatches mean."""
     hints = []
     pos = state.get("pos_embed")
-    if pos is not None and pos.ndim == 3 and tuple(pos.shape) != expected["pos_embed"]:
+    if pos is not None and pos.ndim == 3 and pos.shape[1] != expected["pos_embed"][1]:
         grid = round(pos.shape[1] ** 0.5)
         hints.append(f"pos_embed holds {pos.shape[1]} tokens = a {grid}x{grid} grid of patches: latents "
                      f"{grid * cfg.patch}x{grid * cfg.patch} if the patch is {cfg.patch}, not the suite's "

@@ -242,6 +242,7 @@ def plot_compute(df: pd.DataFrame, base: str, counts: str, published: pd.DataFra
     fig = Figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
     plotted = [_draw_official(ax, d[official])] if official.any() else []
+    names, positive = ", ".join(dict.fromkeys(d["metric"])), bool((d["value"] > 0).all())
     d = d[~official]
     for (method, g), c in d.groupby(["method", d["guidance"].fillna(-1.0)], sort=False):
         g = None if g == -1.0 else g
@@ -265,11 +266,10 @@ def plot_compute(df: pd.DataFrame, base: str, counts: str, published: pd.DataFra
     budgets = sorted(d["x_train_flops"].unique())
     if 0 < len(budgets) <= 8:  # a short ladder may cross no decade: label the rungs themselves
         ax.set_xticks(budgets, [f"{x:.2g}" for x in budgets])
-    if base in LOG_Y and (d["value"] > 0).all():  # KID is unbiased and can be <= 0 at small N: linear then
+    if base in LOG_Y and positive:  # KID is unbiased and can be <= 0 at small N: linear then
         ax.set_yscale("log")
     ax.set_xlabel(X_LABELS[counts])
     ax.set_ylabel(Y_LABELS.get(base, base))
-    names = ", ".join(dict.fromkeys(d["metric"]))
     ax.set_title(f"{suite}: training compute vs {Y_LABELS.get(base, base)} ({names}; shaded: 95% CI)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
