@@ -34,11 +34,11 @@ def reference_pos_embed(dim: int, grid: int) -> np.ndarray:
 def official_state(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights named and shaped as the official file (adaLN layers not zero), pos_embed as it stores it."""
     gen = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(shape, generator=gen) * (0.5 / math.sqrt(shape[-1])) for k, shape in
+    state = {k: torch.randn(shape, generator=gen) / math.sqrt(shape[-1]) for k, shape in
              official_layout(cfg).items()}
     grid = cfg.latent_resolution // cfg.patch
     state["pos_embed"] = torch.from_numpy(reference_pos_embed(cfg.hidden, grid)).float()[None]
-    state["y_embedder.embedding_table.weight"] *= math.sqrt(cfg.hidden)  # embeddings of order 0.5, like t's
+    state["y_embedder.embedding_table.weight"] *= math.sqrt(cfg.hidden)  # embeddings of order 1, like t's
     return state
 
 
