@@ -154,8 +154,9 @@ evaluation: {{metrics: [kid], num_samples: 8, kid_subset_size: 8, batch_size: 8,
 def test_a_released_checkpoint_is_evaluated_untrained_at_its_training_flops(tiny_file, tmp_path, one_thread):
     from diffusers import AutoencoderKL
 
+    from ulbench.plan import format_plan
     from ulbench.report import write_report
-    from ulbench.sweep import start_run
+    from ulbench.sweep import load_run_plans, start_run
 
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -171,6 +172,8 @@ def test_a_released_checkpoint_is_evaluated_untrained_at_its_training_flops(tiny
     assert r["train_flops"]["total"] == pytest.approx(1000 * 8 * config["flops_per_image"]["stage2"])
     assert r["official_checkpoint"]["train_steps"] == 1000 and len(r["official_checkpoint"]["sha256"]) == 64
     assert not (run / "methods" / "dit-released" / "stage2").exists()  # nothing trained
+    suite, plans, _ = load_run_plans(run)
+    assert "official checkpoint" in format_plan(suite, plans, "cpu") and plans[0].estimated_seconds() == 0
     # KID, not FID, to keep the test short (FID's 2048^2 matrix square root: ~6 s here); the compute-vs-FID and
     # compute-vs-KID plots are one function (report.plot_compute), which marks the official point
     report = write_report(run, tmp_path / "report")

@@ -213,6 +213,10 @@ def shared_eval_flops(suite, plans: list[MethodPlan], extractor: Extractor) -> t
     return items * extractor.flops, "; ".join(notes)
 
 
+def _ratio(evaluation: float, train: float) -> str:
+    return f"{evaluation / train:.2f}" if train > 0 else "-"  # a released checkpoint: nothing trained
+
+
 def _h(hours: float) -> str:
     return f"{hours:,.1f}" if hours >= 10 else f"{hours:.3g}"
 
@@ -239,9 +243,9 @@ def format_gpu_plan(suite, plans: list[MethodPlan], opts: GPUOptions) -> str:
         for p in m.points:
             cumulative += p.train_flops
             lines.append(row.format(p.point, p.steps, _h(h(p.train_flops)), _h(h(cumulative)), _h(h(p.eval_flops)),
-                                    f"{p.eval_flops / p.train_flops:.2f}"))
+                                    _ratio(p.eval_flops, p.train_flops)))
         lines.append(row.format("total", "", _h(h(m.train_flops)), "", _h(h(m.eval_flops)),
-                                f"{m.eval_flops / m.train_flops:.2f}"))
+                                _ratio(m.eval_flops, m.train_flops)))
     row = "  {:<16} {:>13} {:>12} {:>13} {:>26}"
     lines += ["totals", row.format("", "train GPU-h", "eval GPU-h", "total GPU-h", f"wall-clock h on {opts.gpus} GPUs")]
     totals = [(m.name, m.train_flops, m.eval_flops) for m in methods] + [("shared eval", 0.0, shared)]
