@@ -184,7 +184,8 @@ def run_status(run_dir: str | Path) -> tuple[list[dict], dict[str, dict]]:
     rows = []
     for method, m in config["methods"].items():
         points = (["stage1"] if m["stage1_steps"] and "reconstructions" in needs else [])
-        points += [f"b{i}" for i in range(len(m["rung_steps"]))] if "samples" in needs else []
+        rungs = ["official"] if m.get("official") else [f"b{i}" for i in range(len(m["rung_steps"]))]
+        points += rungs if "samples" in needs else []
         active = states[method]["state"]
         first_open = True
         for point in points:

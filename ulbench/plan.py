@@ -18,7 +18,8 @@ from ulbench.methods import get_kind
 
 FLOP_COUNT_BATCH = 2  # images per counted step; counts are per image (FLOPs are linear in the batch)
 CALIBRATION_PRESET = "ul-tiny"  # real step timed on this machine when a method is too large to time here
-MAX_TIMED_PARAMS = 50_000_000  # larger models are not stepped on the CPU just to estimate a wall time
+MAX_TIMED_PARAMS = 50_000_000
+OFFICIAL_POINT = "official"  # the one evaluation point of a released checkpoint (MethodPlan.official)  # larger models are not stepped on the CPU just to estimate a wall time
 
 
 @dataclass
@@ -39,6 +40,9 @@ class MethodPlan:
     guidance: tuple[float, ...] = (1.0,)
     seconds_per_step: dict[str, float] = field(default_factory=dict)
     timing_note: str = ""
+    # a released checkpoint evaluated once, untrained (MethodKind.official_checkpoint): its path, published
+    # train_steps and batch_size; rung_steps is then [train_steps], so train_flops(0) is its published training
+    official: dict | None = None
 
     @property
     def final_stage(self) -> str:
@@ -57,6 +61,8 @@ class MethodPlan:
         return {"stage1": self.stage1_steps or 0, "stage2": 0 if rung is None else self.rung_steps[rung]}
 
     def estimated_seconds(self) -> float | None:
+        if self.official is not None:
+            return 0.0  # not trained
         if not self.seconds_per_step:
             return None
         s1 = self.seconds_per_step.get("stage1", 0.0) * (self.stage1_steps or 0)
@@ -83,6 +89,14 @@ def plan_method(suite, method) -> MethodPlan:
         flops[stage], macs[stage] = counted.train_flops_per_image, counted.forward_macs_per_image
         params[stage] = trainable_params(step.module)
         batch[stage] = runner_train[stage]["batch_size"]
+    try:
+        official = getattr(kind, "official_checkpoint", lambda c: None)(config)
+    except UserError as e:
+        raise UserError(f"{suite.file}: method {method.name}: {e}") from None
+    if official is not None:  # evaluated once at its published training: steps x batch x measured FLOPs/image
+        batch[stages[-1]] = official["batch_size"]
+        return MethodPlan(method.name, method.kind, method.preset, config, {}, tuple(stages), flops, macs, params,
+                          batch, None, [official["train_steps"]], method.sampler, method.guidance, official=official)
     budgets = list(suite.budgets)
     stage1_steps = None
     s1_flops = 0.0
@@ -142,7 +156,7 @@ def estimate_times(plans: list[MethodPlan], device: str) -> None:
     timed ``ul-tiny`` step (the machine's measured FLOP/s), which the plan's note says."""
     calibration = None
     for p in plans:
-        for stage in p.stages:
+        for stage in p.stages if p.official is None else ():  # a released checkpoint is not trained
             if p.params[stage] <= MAX_TIMED_PARAMS or device.startswith("cuda"):
                 p.seconds_per_step[stage] = time_step(p.kind, p.config, stage, p.batch_size[stage], device)
                 p.timing_note = "timed on its own model"
@@ -175,6 +189,13 @@ def format_plan(suite, plans: list[MethodPlan], device: str) -> str:
     for p in plans:
         lines.append(f"method {p.name}: kind {p.kind}, preset {p.preset}; sampler "
                      + ", ".join(f"{k} {v}" for k, v in p.sampler.items()) + f"; guidance {list(p.guidance)}")
+        if p.official is not None:
+            o, s = p.official, p.final_stage
+            lines.append(f"  official checkpoint {o['path']}: not trained, evaluated once; drawn at its published "
+                         f"training {o['train_steps']} steps x batch {o['batch_size']} x "
+                         f"{p.flops_per_image[s] / 1e9:.4g} GFLOPs/image (measured) = "
+                         f"{p.train_flops(0)['total']:.3g} FLOPs ({o['source']})")
+            continue
         for stage in p.stages:
             lines.append(f"  {stage}: {p.params[stage] / 1e6:.2f}M trainable params, "
                          f"{p.forward_macs_per_image[stage] / 1e9:.4g} GMACs forward/image, "

@@ -18,7 +18,7 @@ import yaml
 from ulbench.errors import UserError
 from ulbench.methods import get_kind
 from ulbench.metrics.registry import needing
-from ulbench.plan import FLOP_COUNT_BATCH, MethodPlan
+from ulbench.plan import FLOP_COUNT_BATCH, OFFICIAL_POINT, MethodPlan
 
 # An assumption, not a measurement: override it with what your own runs achieve, MFU = the plan's training FLOPs per
 # step x steps per second (a short run's logs) / (GPUs x peak). Sampling at small batches often achieves less.
@@ -183,7 +183,9 @@ def method_hours(suite, plan: MethodPlan, extractor: Extractor) -> MethodHours:
             lines.append(line)
     rung_eval = ev.num_samples * sum(per_sample.values())
     step_flops, previous = plan.flops_per_step(plan.final_stage), 0
-    for i, steps in enumerate(plan.rung_steps):
+    if plan.official is not None:  # a released checkpoint: evaluated once, not trained
+        points.append(Point(OFFICIAL_POINT, "not trained", 0.0, rung_eval))
+    for i, steps in enumerate(plan.rung_steps if plan.official is None else ()):
         points.append(Point(f"b{i}", f"{previous} -> {steps}", step_flops * (steps - previous), rung_eval))
         previous = steps
     return MethodHours(plan.name, points, per_sample, per_reconstruction, lines)
@@ -209,6 +211,10 @@ def shared_eval_flops(suite, plans: list[MethodPlan], extractor: Extractor) -> t
     notes.insert(0, f"{extractor.name} on {items} dataset {what}{' (2 controls included)' if controls else ''} x "
                     f"{_gflops(extractor.flops)} GFLOPs")
     return items * extractor.flops, "; ".join(notes)
+
+
+def _ratio(evaluation: float, train: float) -> str:
+    return f"{evaluation / train:.2f}" if train > 0 else "-"  # a released checkpoint: nothing trained
 
 
 def _h(hours: float) -> str:
@@ -237,9 +243,9 @@ def format_gpu_plan(suite, plans: list[MethodPlan], opts: GPUOptions) -> str:
         for p in m.points:
             cumulative += p.train_flops
             lines.append(row.format(p.point, p.steps, _h(h(p.train_flops)), _h(h(cumulative)), _h(h(p.eval_flops)),
-                                    f"{p.eval_flops / p.train_flops:.2f}"))
+                                    _ratio(p.eval_flops, p.train_flops)))
         lines.append(row.format("total", "", _h(h(m.train_flops)), "", _h(h(m.eval_flops)),
-                                f"{m.eval_flops / m.train_flops:.2f}"))
+                                _ratio(m.eval_flops, m.train_flops)))
     row = "  {:<16} {:>13} {:>12} {:>13} {:>26}"
     lines += ["totals", row.format("", "train GPU-h", "eval GPU-h", "total GPU-h", f"wall-clock h on {opts.gpus} GPUs")]
     totals = [(m.name, m.train_flops, m.eval_flops) for m in methods] + [("shared eval", 0.0, shared)]

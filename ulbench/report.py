@@ -78,7 +78,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
     for col in ("train_flops", "steps"):
         flat = pd.json_normalize([r.get(col) or {} for r in rows]).add_prefix(f"{col}_")
         df = pd.concat([df.drop(columns=[col], errors="ignore"), flat.set_index(df.index)], axis=1)
-    for col in ("guidance", "ci95", "std", "grid", "fingerprint", "per_frame"):
+    for col in ("guidance", "ci95", "std", "grid", "fingerprint", "per_frame", "official_checkpoint"):
         if col not in df:
             df[col] = None
     return config, df
@@ -238,9 +238,12 @@ def plot_compute(df: pd.DataFrame, base: str, counts: str, published: pd.DataFra
     d = df[(df["metric_base"] == base) & (df["point"] != "stage1")].copy()
     d["x_train_flops"] = d.get(f"train_flops_{counts}")
     d = d[d["x_train_flops"].notna()].sort_values("x_train_flops")
+    official = d["official_checkpoint"].map(lambda v: isinstance(v, dict))
     fig = Figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
-    plotted = []
+    plotted = [_draw_official(ax, d[official])] if official.any() else []
+    names, positive = ", ".join(dict.fromkeys(d["metric"])), bool((d["value"] > 0).all())
+    d = d[~official]
     for (method, g), c in d.groupby(["method", d["guidance"].fillna(-1.0)], sort=False):
         g = None if g == -1.0 else g
         line, = ax.plot(c["x_train_flops"], c["value"], marker="o", label=_curve_label(method, g))
@@ -257,20 +260,32 @@ def plot_compute(df: pd.DataFrame, base: str, counts: str, published: pd.DataFra
                    label="published, guided (not measured)")
         fig.text(0.01, -0.02, PUBLISHED_NOTE, fontsize=6, ha="left", va="top", wrap=True)
     drawn += _draw_controls(ax, df, base)
+    drawn += [f"{r.method}: official checkpoint" for r in plotted[0].itertuples()] if official.any() else []
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     budgets = sorted(d["x_train_flops"].unique())
     if 0 < len(budgets) <= 8:  # a short ladder may cross no decade: label the rungs themselves
         ax.set_xticks(budgets, [f"{x:.2g}" for x in budgets])
-    if base in LOG_Y and (d["value"] > 0).all():  # KID is unbiased and can be <= 0 at small N: linear then
+    if base in LOG_Y and positive:  # KID is unbiased and can be <= 0 at small N: linear then
         ax.set_yscale("log")
     ax.set_xlabel(X_LABELS[counts])
     ax.set_ylabel(Y_LABELS.get(base, base))
-    names = ", ".join(dict.fromkeys(d["metric"]))
     ax.set_title(f"{suite}: training compute vs {Y_LABELS.get(base, base)} ({names}; shaded: 95% CI)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     return _png(fig), pd.concat(plotted, ignore_index=True) if plotted else pd.DataFrame(), drawn
+
+
+def _draw_official(ax, d: pd.DataFrame) -> pd.DataFrame:
+    """Released checkpoints evaluated by this run's protocol, at their published training FLOPs: filled diamonds,
+    one legend entry "official checkpoint" per method and guidance (measured here, unlike the hollow published
+    markers)."""
+    for (method, g), c in d.groupby(["method", d["guidance"].fillna(-1.0)], sort=False):
+        g = None if g == -1.0 else g
+        ax.scatter(c["x_train_flops"], c["value"], marker="D", s=60, edgecolors="black", zorder=3,
+                   label=f"{_curve_label(method, g)}: official checkpoint (measured here, at published training FLOPs)")
+    return d.assign(official_checkpoint=True)[["method", "guidance", "point", "metric", "x_train_flops", "value",
+                                               "official_checkpoint"]]
 
 
 def _draw_controls(ax, df: pd.DataFrame, base: str) -> list[str]:
@@ -448,7 +463,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     fp_lines, fp_warnings = fingerprint_lines(df)
     warnings = fp_warnings + warnings
     flat = df.assign(**{c: df[c].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
-                        for c in ("ci95", "fingerprint", "versions", "per_frame") if c in df})
+                        for c in ("ci95", "fingerprint", "versions", "per_frame", "official_checkpoint") if c in df})
     with atomic_write(out_dir / "results.csv") as f:
         flat.to_csv(f, index=False)
     head = (f"run `{run_dir}`, git commit `{config.get('git_commit')}`, created {config.get('created_at')}; "

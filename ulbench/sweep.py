@@ -29,7 +29,7 @@ from ulbench.methods import get_kind
 from ulbench.methods.base import TrainData, keep_checkpoints_at
 from ulbench.metrics.images import quantize_images
 from ulbench.metrics.registry import needs_of
-from ulbench.plan import MethodPlan, make_plan, resolve_device
+from ulbench.plan import OFFICIAL_POINT, MethodPlan, make_plan, resolve_device
 from ulbench.suite import METRICS, load_suite
 
 SAMPLE_BATCH = 32
@@ -179,9 +179,11 @@ class Sweep:
         name = f"{metric}{n}" if metric in ("fid", "kid", "rfid", "fvd", "rfvd") else metric
         if rung is not None:  # generated at a rung: how it was sampled is part of what was measured
             fingerprint = {**fingerprint, "sampler": plan.sampler}
+        official = plan.official is not None  # a released checkpoint: at its published training, on no rung
         return {"suite": self.suite.name, "run": self.run_dir.name, "method": plan.name, "kind": plan.kind,
-                "preset": plan.preset, "point": point, "budget_index": rung,
-                "budget_train_flops": None if rung is None else self.suite.budgets[rung], "metric": name,
+                "preset": plan.preset, "point": point, "budget_index": None if official else rung,
+                "budget_train_flops": None if rung is None or official else self.suite.budgets[rung],
+                "official_checkpoint": self.official_record(plan) if official else None, "metric": name,
                 "metric_base": metric, "value": float(value), "ci95": ci95, "std": std, "n": n,
                 "higher_is_better": info.higher_is_better, "guidance": guidance, "train_flops": plan.train_flops(rung),
                 "steps": plan.steps(rung), "wall_s": wall_s, "fingerprint": fingerprint, "git_commit": self.commit,
@@ -231,6 +233,16 @@ class Sweep:
             extras = {k: np.concatenate([g[k] for g in gathered if k in g]) for k in keys}
         dist.barrier()
         return open_npz_array(path), (extras if rank == 0 else None)
+
+    def official_record(self, plan: MethodPlan) -> dict:
+        """What a released checkpoint's rows say of it: the file (and its sha256, hashed once per run), its
+        published training and how its train_flops were computed."""
+        from ulbench.assets import sha256_file
+
+        if "sha256" not in plan.official:
+            plan.official = {**plan.official, "sha256": sha256_file(Path(plan.official["path"]))}
+        return {**plan.official, "train_flops_formula": "published train_steps x batch_size x measured training "
+                                                        "FLOPs per image (ulbench.flops)"}
 
     def evaluate_reconstructions(self, plan: MethodPlan, runner) -> list[dict]:
         """rFID, PSNR and bits/pixel of the stage-1 autoencoder on the first N dataset images."""
@@ -296,7 +308,8 @@ class Sweep:
     def evaluate_samples(self, plan: MethodPlan, runner, rung: int) -> list[dict]:
         from ulbench import dist
 
-        ev, wanted, point = self.suite.evaluation, self.suite.evaluation.metrics, f"b{rung}"
+        ev, wanted = self.suite.evaluation, self.suite.evaluation.metrics
+        point = OFFICIAL_POINT if plan.official is not None else f"b{rung}"
         folder = self.run_dir / "methods" / plan.name / "points" / point
         rows = []
         for g in plan.guidance:
@@ -320,11 +333,12 @@ class Sweep:
                 rows.append(self.row(plan, point, rung, "kid", r["kid_mean"], r["n"], fp,
                                      time.perf_counter() - t0, std=r["kid_std"], guidance=g, grid=grid))
             if "class_acc" in wanted:
-                rows.append(self.class_accuracy(plan, rung, a.features, b.features, g, time.perf_counter() - t0, grid))
+                rows.append(self.class_accuracy(plan, rung, a.features, b.features, g, time.perf_counter() - t0, grid,
+                                                point))
         return rows
 
     def class_accuracy(self, plan: MethodPlan, rung: int, features, reference, guidance: float, wall_s: float,
-                       grid: str) -> dict:
+                       grid: str, point: str) -> dict:
         """class_acc: sample i was drawn for class i mod classes (``_sample_labels``); the reference images (the
         first reference_size dataset images) carry their dataset labels."""
         from ulbench.metrics.stats import nearest_centroid_accuracy
@@ -335,7 +349,7 @@ class Sweep:
         fp = self.fingerprint({"metric": "class_acc", "features": "inception-v3-compat pool3 (FID's)",
                                "rule": "nearest class mean, Euclidean", "n": len(features),
                                "classes": self.data.num_classes})
-        return self.row(plan, f"b{rung}", rung, "class_acc", acc, len(features), fp, wall_s, guidance=guidance,
+        return self.row(plan, point, rung, "class_acc", acc, len(features), fp, wall_s, guidance=guidance,
                         grid=grid)
 
     def done(self, method: str, point: str) -> bool:
@@ -361,6 +375,9 @@ class Sweep:
         if not data.source:
             raise UserError(f"{self.suite.file}: dataset: no dataset spec to record (name {d.name!r}, path "
                             f"{d.path!r}); a run must say what it trained on: set dataset.name (and dataset.path)")
+        if plan.official is not None:
+            self.run_official(plan, kind, data)
+            return
         ends = {"stage1": [plan.stage1_steps or 0], plan.final_stage: plan.rung_steps}  # rung ends: kept
         runner = kind.runner(plan.config, keep_checkpoints_at(plan.train, ends), workdir, self.device,
                              self.suite.precision, data, self.progress)
@@ -384,6 +401,21 @@ class Sweep:
             self.add(self.clip_eval.predictions(plan, runner, rung) if self.clip_eval
                      else self.evaluate_samples(plan, runner, rung))
             log.info("%s: b%d evaluated", plan.name, rung)
+
+    def run_official(self, plan: MethodPlan, kind, data: TrainData) -> None:
+        """A released checkpoint: nothing trained; its samples evaluated once (point ``official``), by the protocol
+        and sampler of every other method."""
+        if self.clip_eval is not None:
+            raise UserError(f"{self.suite.file}: {plan.name}: a released image checkpoint in a clip suite")
+        if "samples" not in needs_of(self.suite.evaluation.metrics):
+            return
+        if self.done(plan.name, OFFICIAL_POINT):
+            log.info("%s: %s point already stored, skipped", plan.name, OFFICIAL_POINT)
+            return
+        runner = kind.runner(plan.config, {}, self.run_dir / "methods" / plan.name, self.device,
+                             self.suite.precision, data, self.progress)
+        log.info("%s: official checkpoint %s, evaluated untrained", plan.name, plan.official["path"])
+        self.add(self.evaluate_samples(plan, runner, 0))
 
     def run_controls(self, plans: list[MethodPlan]) -> None:
         """Clip suites: the evaluation clips, and the frame-prediction controls scored once per run."""
@@ -519,7 +551,7 @@ def create_run(suite_file: str, sets: list[str], runs_root: Path, name: str | No
                                    "published": published_recipe(p), "flops_per_image": p.flops_per_image,
                                    "forward_macs_per_image": p.forward_macs_per_image, "params": p.params,
                                    "batch_size": p.batch_size, "stage1_steps": p.stage1_steps,
-                                   "rung_steps": p.rung_steps} for p in plans},
+                                   "rung_steps": p.rung_steps, "official": p.official} for p in plans},
               "git_commit": git_commit(), "versions": versions(),
               "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if dist.is_main():

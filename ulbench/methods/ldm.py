@@ -30,6 +30,11 @@ class LDMConfig:
     resolution: int  # image side; the backbone's latent side is resolution / vae.downsample
     vae: Any  # baselines.kl_vae.KLVAEConfig
     backbone: Any  # baselines.dit.DiTConfig | baselines.edm2.EDM2Config
+    # A released backbone (DiT's state dict) to evaluate instead of training one; its VAE is then a user's folder.
+    # Published training (steps, batch) of a file released under another name: see official_checkpoint.
+    checkpoint: str | None = None
+    checkpoint_train_steps: int = 0
+    checkpoint_batch_size: int = 0
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -103,11 +108,59 @@ class LDM:
         return replace(cfg, backbone=bb)
 
     def check_files(self, config: LDMConfig) -> None:
-        """Before any training: a user's VAE folder must exist and hold a save_pretrained layout."""
+        """Before any training: a user's VAE folder must exist and hold a save_pretrained layout; a released
+        checkpoint must be readable and hold the suite's network (its layout checked on a memory map)."""
         if config.vae.pretrained:
             from baselines.kl_vae import _check_folder
 
             _check_folder(Path(config.vae.pretrained).expanduser())
+        if config.checkpoint:
+            from baselines import dit_official
+
+            self.official_checkpoint(config)
+            where = f"overrides.checkpoint {config.checkpoint}"
+            dit_official.check_layout(dit_official.read_state_dict(config.checkpoint, mmap=True), config.backbone,
+                                      where)
+
+    def official_checkpoint(self, config: LDMConfig) -> dict | None:
+        """A released checkpoint to evaluate (no training) and the training it had: a released file by its name
+        (baselines.dit_official.RELEASES), any other file by ``checkpoint_train_steps`` and
+        ``checkpoint_batch_size`` stated in the suite. None when the method trains."""
+        from ulbench.errors import UserError
+
+        if not config.checkpoint:
+            return None
+        path = Path(config.checkpoint).expanduser()
+        if self.family != "dit":
+            raise UserError(f"overrides.checkpoint {path}: only kind dit loads released checkpoints; EDM2's .pkl "
+                            "files hold pickled code and are deliberately not unpickled")
+        if not config.vae.pretrained:
+            raise UserError(f"overrides.checkpoint {path}: a released DiT needs the VAE it was trained on: set "
+                            "overrides.vae.pretrained to a diffusers AutoencoderKL folder (DiT: sd-vae-ft-ema or "
+                            "-mse, scaling_factor 0.18215)")
+        from baselines.dit_official import RELEASES
+
+        release = RELEASES.get(path.name)
+        steps, batch = config.checkpoint_train_steps, config.checkpoint_batch_size
+        if release is not None:
+            stated = {k: v for k, v in (("checkpoint_train_steps", steps), ("checkpoint_batch_size", batch)) if v}
+            published = {"checkpoint_train_steps": release.train_steps, "checkpoint_batch_size": release.batch_size}
+            if any(published[k] != v for k, v in stated.items()):
+                raise UserError(f"overrides: {stated} contradicts the published training of {path.name} "
+                                f"({published}); drop them")
+            if config.backbone.name != release.preset or config.resolution != release.image_resolution:
+                raise UserError(f"overrides.checkpoint {path.name}: released as {release.preset} at "
+                                f"{release.image_resolution}px; the method is {config.backbone.name} at "
+                                f"{config.resolution}px (set preset and dataset.resolution to match)")
+            steps, batch, source = release.train_steps, release.batch_size, release.source
+        elif steps <= 0 or batch <= 0:
+            raise UserError(f"overrides.checkpoint {path}: not a released file name ({', '.join(RELEASES)}): state "
+                            "the training it had as overrides.checkpoint_train_steps and checkpoint_batch_size "
+                            "(the point is drawn at steps x batch x the measured training FLOPs per image)")
+        else:
+            source = "the suite's overrides (checkpoint_train_steps, checkpoint_batch_size)"
+        return {"path": str(path.resolve()), "release": release is not None, "train_steps": steps,
+                "batch_size": batch, "source": source}
 
     def stages_for(self, config: LDMConfig) -> tuple[str, ...]:
         return ("stage2",) if config.vae.pretrained else self.stages
@@ -184,8 +237,13 @@ class LDMRunner(RunnerBase):
 
     def backbone(self):
         if self._backbone is None:
-            model = self.kind._module().build(self.config.backbone)
-            model.load_state_dict(load_file(str(self.checkpoint_file("stage2"))))
+            if self.config.checkpoint:  # a released checkpoint, evaluated as it is
+                from baselines.dit_official import load_official
+
+                model = load_official(self.config.checkpoint, self.config.backbone)
+            else:
+                model = self.kind._module().build(self.config.backbone)
+                model.load_state_dict(load_file(str(self.checkpoint_file("stage2"))))
             self._backbone = model.to(self.device).eval()
         return self._backbone
 
@@ -193,6 +251,8 @@ class LDMRunner(RunnerBase):
         from baselines import kl_vae
         from ul_model.train import train
 
+        if self.config.checkpoint:
+            raise RuntimeError(f"{self.config.checkpoint}: a released checkpoint is evaluated, never trained")
         tcfg = self.train_config(stage, steps)
         out = self.workdir / stage
         torch.manual_seed(tcfg.seed)
