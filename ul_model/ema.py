@@ -20,10 +20,12 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def _blend(shadow: dict[str, torch.Tensor], model: nn.Module, beta: float) -> None:
     """shadow = beta * shadow + (1 - beta) * params; integer buffers copied."""
-    for k, v in model.state_dict().items():
-        if v.dtype.is_floating_point:
-            shadow[k].lerp_(v, 1 - beta)
-        else:
+    state = model.state_dict()
+    floats = [k for k, v in state.items() if v.dtype.is_floating_point]
+    # one call for all tensors: the same lerp per element, without ~200 Python-level calls per step
+    torch._foreach_lerp_([shadow[k] for k in floats], [state[k] for k in floats], 1 - beta)
+    for k, v in state.items():
+        if not v.dtype.is_floating_point:
             shadow[k].copy_(v)
 
 
