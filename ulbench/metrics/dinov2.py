@@ -128,10 +128,14 @@ def infer_shape(sd: dict[str, torch.Tensor], where: object) -> ViTShape:
             "ls2.gamma}, norm)")
     try:
         dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
-        grid, hidden = math.isqrt(sd["pos_embed"].shape[1] - 1), sd["blocks.0.mlp.fc1.weight"].shape[0]
+        grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
     except (KeyError, IndexError, AttributeError) as e:
         raise DINOv2LayoutError(f"{where}: not a DINOv2 ViT state dict (no {e}); {hint}") from None
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if depth == 0:
+        raise DINOv2LayoutError(f"{where}: no transformer blocks (keys blocks.N.*); {hint}")
+    # the MLP width as the file gives it (4 x width in every official MLP model); missing, the check below names it
+    hidden = next((v.shape[0] for k, v in sd.items() if k.endswith(".mlp.fc1.weight")), 4 * dim)
     shape = ViTShape(int(patch), int(dim), depth, int(hidden), grid)
     want = official_shapes(shape)
     missing = sorted(set(want) - set(sd), key=_natural)
