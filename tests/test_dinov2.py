@@ -84,7 +84,8 @@ def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, pos_resize: 
         y = torch.einsum("nhqk,nkhc->nqhc", att, v).reshape(len(x), -1, dim)
         h = h + b["ls1.gamma"] * F.linear(y, b["attn.proj.weight"], b["attn.proj.bias"])
         y = F.layer_norm(h, (dim,), b["norm2.weight"], b["norm2.bias"], eps=1e-6)
-        y = F.linear(F.gelu(F.linear(y, b["mlp.fc1.weight"], b["mlp.fc1.bias"])), b["mlp.fc2.weight"], b["mlp.fc2.bias"])
+        y = F.gelu(F.linear(y, b["mlp.fc1.weight"], b["mlp.fc1.bias"]))  # exact GELU, as nn.GELU()
+        y = F.linear(y, b["mlp.fc2.weight"], b["mlp.fc2.bias"])
         h = h + b["ls2.gamma"] * y
     return F.layer_norm(h, (dim,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)[:, 0]
 
@@ -93,7 +94,8 @@ def edm2_input(images: np.ndarray) -> torch.Tensor:
     """EDM2's DINOv2Detector preprocessing ('torch' mode): bicubic+antialias to 224, /255, ImageNet mean/std."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(224, 224), mode="bicubic", antialias=True) / 255
-    return (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
 @pytest.fixture(scope="session")
@@ -286,7 +288,9 @@ def test_suite_metric_needs_weights_at_validate_time(tmp_path, small_file, monke
     with pytest.raises(SuiteError, match=r"evaluation\.dinov2_weights: evaluation\.dinov2_weights=.*missing\.pth: no "):
         load_suite(f)
     f.write_text(SUITE.format(extra=f"metrics: [fid, fd_dinov2], dinov2_weights: {small_file}"))
-    assert load_suite(f).evaluation.dinov2_weights == str(small_file)
+    s = load_suite(f)
+    assert s.evaluation.dinov2_weights == str(small_file)
+    assert s.to_dict()["evaluation"]["dinov2_weights"] == str(small_file)
     f.write_text(SUITE.format(extra="batch_size: 8"))  # the default list leaves the opt-in metric out
     assert "fd_dinov2" not in load_suite(f).evaluation.metrics
     repo = Path(__file__).resolve().parents[1] / "suites"
