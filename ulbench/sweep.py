@@ -133,6 +133,7 @@ class Sweep:
         self.store = ResultsStore(self.run_dir / "results.jsonl")
         self.data = load_suite_dataset(suite)
         self._evaluator = None
+        self._dinov2_evaluator = None
         self.clip_eval = None  # clip suites: a video_eval.ClipEvaluation, made by run_controls
         self.commit, self.versions = git_commit(), versions()
 
@@ -144,6 +145,17 @@ class Sweep:
             ev = self.suite.evaluation
             self._evaluator = ImageEvaluator(resize=ev.resize, batch_size=ev.batch_size, progress=self.progress)
         return self._evaluator
+
+    @property
+    def dinov2_evaluator(self):
+        """fd_dinov2's evaluator: the same pipeline with DINOv2 features (evaluation.dinov2_weights)."""
+        if self._dinov2_evaluator is None:
+            from ulbench.metrics.fid import ImageEvaluator
+
+            ev = self.suite.evaluation
+            self._dinov2_evaluator = ImageEvaluator(resize=ev.resize, batch_size=ev.batch_size, progress=self.progress,
+                                                    features="dinov2", dinov2_weights=ev.dinov2_weights)
+        return self._dinov2_evaluator
 
     def reference(self) -> str:
         """The reference set for gFID/KID: a user's path, or the first ``reference_size`` dataset images."""
@@ -176,7 +188,8 @@ class Sweep:
     def row(self, plan: MethodPlan, point: str, rung: int | None, metric: str, value: float, n: int,
             fingerprint: dict, wall_s: float, ci95=None, std=None, guidance=None, grid=None) -> dict:
         info = METRICS[metric]
-        name = f"{metric}{n}" if metric in ("fid", "kid", "rfid", "fvd", "rfvd") else metric
+        name = f"{metric}{n}" if metric in ("fid", "kid", "rfid", "fvd", "rfvd") else \
+            f"{metric}_{n}" if metric == "fd_dinov2" else metric  # fd_dinov2_200: N in the name, readably
         if rung is not None:  # generated at a rung: how it was sampled is part of what was measured
             fingerprint = {**fingerprint, "sampler": plan.sampler}
         official = plan.official is not None  # a released checkpoint: at its published training, on no rung
@@ -316,8 +329,9 @@ class Sweep:
             t0 = time.perf_counter()
             images = self.generate(plan, runner, g, folder / f"samples_g{g:g}.npz")
             # Inception once per sample set: FID and KID both come from these features and the reference's
-            a = self.evaluator.set_stats(images, keep_features=True)
-            b = self.evaluator.set_stats(self.reference(), keep_features=bool({"kid", "class_acc"} & set(wanted)))
+            if {"fid", "kid", "class_acc"} & set(wanted):
+                a = self.evaluator.set_stats(images, keep_features=True)
+                b = self.evaluator.set_stats(self.reference(), keep_features=bool({"kid", "class_acc"} & set(wanted)))
             if not dist.is_main():
                 continue
             save_grid(images, folder / f"grid_g{g:g}.png")
@@ -335,6 +349,28 @@ class Sweep:
             if "class_acc" in wanted:
                 rows.append(self.class_accuracy(plan, rung, a.features, b.features, g, time.perf_counter() - t0, grid,
                                                 point))
+        if "fd_dinov2" in wanted:
+            rows += self.fd_dinov2_rows(plan, rung, folder, point)
+        return rows
+
+    def fd_dinov2_rows(self, plan: MethodPlan, rung: int, folder: Path, point: str) -> list[dict]:
+        """fd_dinov2 of each guidance's samples (already made and stored by ``generate``) vs the reference."""
+        from ulbench import dist
+        from ulbench.io import open_npz_array
+
+        ev, rows = self.suite.evaluation, []
+        for g in plan.guidance:
+            t0 = time.perf_counter()
+            images = open_npz_array(folder / f"samples_g{g:g}.npz")  # made by evaluate_samples (generate)
+            a = self.dinov2_evaluator.set_stats(images, keep_features=ev.bootstrap > 0)
+            b = self.dinov2_evaluator.set_stats(self.reference())
+            if not dist.is_main():
+                continue
+            r = self.dinov2_evaluator.fid_from_stats(a, b, bootstrap=ev.bootstrap, seed=self.suite.seeds.sample)
+            rows.append(self.row(plan, point, rung, "fd_dinov2", r["fd_dinov2"], r["n"],
+                                 self.fingerprint(r["fingerprint"]), time.perf_counter() - t0,
+                                 ci95=r.get("fd_dinov2_ci95"), guidance=g,
+                                 grid=str((folder / f"grid_g{g:g}.png").relative_to(self.run_dir))))
         return rows
 
     def class_accuracy(self, plan: MethodPlan, rung: int, features, reference, guidance: float, wall_s: float,

@@ -1,4 +1,4 @@
-"""FID and KID: images -> Inception features -> statistics -> metric, with a statistics cache.
+"""FID, KID and FD-DINOv2: images -> features (Inception, or DINOv2 ViT-L/14) -> statistics -> metric, cached.
 
 Cache points follow style.md: statistics (and, when asked for, the features behind them) are cached under
 ``$ULBENCH_CACHE/stats`` keyed by the source's identity and the protocol fingerprint (extractor, weights sha256,
@@ -29,6 +29,7 @@ from ulbench.metrics.stats import (NPZ_READ_ERRORS, FeatureStats, Moments, boots
 EXTRACTOR_ID = f"torch-fidelity/{EXTRACTOR_NAME}/pool3-{FEATURE_DIM}"
 KID_SUBSETS = 100  # torch-fidelity defaults
 KID_SUBSET_SIZE = 1000
+FEATURES = ("inception", "dinov2")  # the extractor: FID's Inception-v3, or FD-DINOv2's DINOv2 (metrics/dinov2.py)
 
 
 def check_bootstrap(reps: int) -> None:
@@ -56,21 +57,44 @@ class SetStats:
 
 
 class ImageEvaluator:
-    """Runs FID/KID/statistics for any image inputs under one protocol (weights, resize mode)."""
+    """Runs FID/KID/statistics for any image inputs under one protocol (extractor, weights, resize mode).
+
+    ``features="dinov2"`` swaps Inception for DINOv2 ViT-L/14 (the user's ``dinov2_weights`` file, see
+    metrics/dinov2.py): the same streaming statistics, Fréchet distance and cache, reported as ``fd_dinov2``; the
+    extractor and the file's sha256 are in the protocol, so the two kinds of statistics never share a cache entry.
+    """
 
     def __init__(self, inception_weights: str | os.PathLike | None = None, resize: str = "legacy",
-                 batch_size: int = 50, progress: bool = True, use_cache: bool = True, fast: bool = True):
+                 batch_size: int = 50, progress: bool = True, use_cache: bool = True, fast: bool = True,
+                 features: str = "inception", dinov2_weights: str | os.PathLike | None = None):
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
+        if features not in FEATURES:
+            raise UserError(f"features '{features}' unknown; choose one of {FEATURES}")
         self.resize = resize
         self.batch_size = batch_size
         self.progress = progress
         self.use_cache = use_cache
+        self.features_name = features
+        if features == "dinov2":
+            from ulbench.metrics import dinov2
+
+            path = dinov2.resolve_weights(dinov2_weights)  # a missing file is named before anything loads
+            self._prepare = dinov2.prepare_dinov2_batch
+            self._prepare([np.zeros((2, 2, 3), np.uint8)], resize)  # validate the mode before any long work
+            self.net = dinov2.DINOv2Features(path)
+            self.metric, self.feature_dim = "fd_dinov2", self.net.feature_dim
+            self._protocol = {"extractor": dinov2.extractor_id(self.net.shape), "weights_sha256": assets.sha256_file(
+                path), "resize": resize, "preprocess": dinov2.RESIZE_IMPL[resize] + ", ImageNet mean/std"}
+            return
+        self._prepare = prepare_batch
         self.net = InceptionFeatures(assets.converted_path(assets.INCEPTION, inception_weights), fast=fast)
         prepare_batch([np.zeros((2, 2, 3), np.uint8)], resize)  # validate the mode before any long work
+        self.metric, self.feature_dim = "fid", FEATURE_DIM
+        self._protocol = {"extractor": EXTRACTOR_ID, "weights_sha256": assets.INCEPTION.sha256, "resize": resize}
 
     def protocol(self) -> dict:
-        return {"extractor": EXTRACTOR_ID, "weights_sha256": assets.INCEPTION.sha256, "resize": self.resize}
+        return dict(self._protocol)
 
     # images -> features
     def features(self, source: ImageSource, keep_features: bool = False) -> FeatureStats:
@@ -82,12 +106,12 @@ class ImageEvaluator:
             if source.count is None:
                 raise UserError(f"{source.name}: a stream of unknown length cannot be split across ranks")
             start, stop = dist.span(dist.shard(source.count, self.batch_size), source.count, self.batch_size)
-        stats = FeatureStats(FEATURE_DIM, keep_features=keep_features)
+        stats = FeatureStats(self.feature_dim, keep_features=keep_features)
         total = None if stop is None else stop - start
-        bar = tqdm(total=total, unit="img", desc=f"Inception {Path(source.name).name}",
+        bar = tqdm(total=total, unit="img", desc=f"{self.features_name} {Path(source.name).name}",
                    disable=not self.progress or rank != 0, leave=False)
         for batch in (source.batches(self.batch_size, start, stop) if stop != start else []):
-            stats.update(self.net(prepare_batch(batch, self.resize)))
+            stats.update(self.net(self._prepare(batch, self.resize)))
             bar.update(len(batch))
         bar.close()
         stats.reduce()
@@ -101,10 +125,11 @@ class ImageEvaluator:
             if keep_features:
                 raise UserError(f"{spec}: a statistics file has no per-image features; KID and the bootstrap "
                                 "interval need images (a folder or an .npz of images) on this side.")
-            return SetStats(Moments.load_npz(spec), str(spec), None, stats_file_sha256=assets.sha256_file(Path(spec)))
+            moments = self._check_stats_file(spec, Moments.load_npz(spec))
+            return SetStats(moments, str(spec), None, stats_file_sha256=assets.sha256_file(Path(spec)))
         source = resolve_source(spec, limit)
         cache = self._cache_path(source)
-        hit = _read_cache(cache, keep_features) if cache is not None and cache.is_file() else None
+        hit = _read_cache(cache, keep_features, self.feature_dim) if cache is not None and cache.is_file() else None
         if dist.all_true(hit is not None):  # all ranks take the cached statistics, or all compute them
             return SetStats(hit[0], source.name, source.resolution, hit[1])
         fs = self.features(source, keep_features)
@@ -115,6 +140,19 @@ class ImageEvaluator:
             _write_cache(cache, out)
         dist.barrier()  # the cache entry exists for every rank's next look-up
         return out
+
+    def _check_stats_file(self, spec, moments: Moments) -> Moments:
+        """A statistics file of another extractor (written by ``eval stats`` with its protocol, or of another width:
+        Inception's 2048 vs DINOv2's 1024) is named, never compared."""
+        with np.load(spec, allow_pickle=False) as z:
+            theirs = str(z["extractor"]) if "extractor" in z.files else None
+        ours = self._protocol["extractor"]
+        if moments.mu.shape[0] != self.feature_dim or (theirs is not None and theirs != ours):
+            raise UserError(f"{spec}: statistics of {theirs or f'{moments.mu.shape[0]}-d features'}, but this "
+                            f"evaluation ({self.metric}) uses {ours} ({self.feature_dim}-d); write statistics with "
+                            f"the same extractor (`ulbench eval stats FOLDER -o ref.npz"
+                            f"{' --features dinov2' if self.metric == 'fd_dinov2' else ''}`)")
+        return moments
 
     def _cache_path(self, source: ImageSource) -> Path | None:
         if not self.use_cache or source.identity is None:
@@ -140,10 +178,11 @@ class ImageEvaluator:
 
     def fid_from_stats(self, a: SetStats, b: SetStats, bootstrap: int = 0, seed: int = 0) -> dict:
         check_bootstrap(bootstrap)
-        out = {"fid": frechet_distance(a.moments, b.moments), "n": a.moments.n, "fingerprint": self.fingerprint(a, b)}
+        name = self.metric  # "fid", or "fd_dinov2" (the same distance in DINOv2 feature space)
+        out = {name: frechet_distance(a.moments, b.moments), "n": a.moments.n, "fingerprint": self.fingerprint(a, b)}
         if bootstrap > 0 and dist.is_main():  # the features are on rank 0 only (torchrun)
             lo, hi, bias = bootstrap_frechet(a.features, b.moments, bootstrap, seed=seed)
-            out["fid_ci95"] = [lo, hi]
+            out[f"{name}_ci95"] = [lo, hi]
             out["bootstrap_bias"] = bias
             out["bootstrap_reps"] = bootstrap
         return out
@@ -170,7 +209,7 @@ class ImageEvaluator:
                 "n": a.moments.n, "fingerprint": fp}
 
 
-def _read_cache(path: Path, need_features: bool):
+def _read_cache(path: Path, need_features: bool, dim: int = FEATURE_DIM):
     """(Moments, features or None) of a cache entry; None if it lacks the features asked for. A damaged entry
     (truncated by a killed writer on another file system, corrupt, or holding non-finite or misshapen moments) is
     deleted with a warning and recomputed: the cache is ours to rebuild, so it is never the user's error."""
@@ -180,9 +219,9 @@ def _read_cache(path: Path, need_features: bool):
                 return None
             feats = torch.from_numpy(z["features"]) if "features" in z.files else None
             moments = Moments(z["mu"], z["sigma"], int(z["n"]))
-        ok = (moments.mu.shape == (FEATURE_DIM,) and moments.sigma.shape == (FEATURE_DIM, FEATURE_DIM)
+        ok = (moments.mu.shape == (dim,) and moments.sigma.shape == (dim, dim)
               and np.isfinite(moments.mu).all() and np.isfinite(moments.sigma).all()
-              and (feats is None or feats.shape == (moments.n, FEATURE_DIM)))
+              and (feats is None or feats.shape == (moments.n, dim)))
         problem = None if ok else "unexpected shapes or non-finite values"
     except (*NPZ_READ_ERRORS, KeyError, TypeError, AttributeError) as e:  # AttributeError: a bare .npy
         problem = f"{type(e).__name__}: {e}"

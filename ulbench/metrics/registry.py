@@ -12,6 +12,7 @@ class MetricInfo:
     description: str
     data: str = "both"  # "image", "video" or "both": the datasets it is defined on
     conditional: bool = False  # defined on class-conditional datasets only
+    opt_in: bool = False  # only when the suite lists it (it needs a file the user supplies): not in the default list
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
@@ -31,6 +32,8 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
                "frame (uint8, range 255), then the mean", "video"),
     MetricInfo("rfvd", False, "reconstructions", "FVD of autoencoder reconstructions vs their original clips", "video"),
     MetricInfo("bits_per_frame", None, "reconstructions", "latent rate: the prior's L_z in bits per frame", "video"),
+    MetricInfo("fd_dinov2", False, "samples", "Frechet distance of samples vs the reference in DINOv2 ViT-L/14 "
+               "feature space (EDM2's fd_dinov2); needs evaluation.dinov2_weights", "image", opt_in=True),
 )}
 
 
@@ -44,8 +47,8 @@ def needing(what: str) -> set[str]:
     return {m for m, info in METRICS.items() if info.needs == what}
 
 
-def metrics_for(video: bool, conditional: bool = False) -> list[str]:
+def metrics_for(video: bool, conditional: bool = False, opt_in: bool = False) -> list[str]:
     """The metrics defined on image (or video), unconditional (or class-conditional) datasets, in registry order: a
-    suite's default list."""
+    suite's default list; ``opt_in=True``: with those a suite must list itself (all it may list)."""
     return [m.name for m in METRICS.values() if m.data in ("both", "video" if video else "image")
-            and (conditional or not m.conditional)]
+            and (conditional or not m.conditional) and (opt_in or not m.opt_in)]
