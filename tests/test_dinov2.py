@@ -312,9 +312,9 @@ def test_sweep_rows(tmp_path, small_file, monkeypatch):
     folder = tmp_path / "run" / "methods" / "ul" / "points" / "b0"
     folder.mkdir(parents=True)
     np.savez(folder / "samples_g1.npz", photo_crops(3, n=6, size=32))  # the ADM layout: N x H x W x 3
-    plan = SimpleNamespace(name="ul", kind="ul", preset="ul-tiny", guidance=(1.0,), sampler={},
+    plan = SimpleNamespace(name="ul", kind="ul", preset="ul-tiny", guidance=(1.0,), sampler={}, official=None,
                            train_flops=lambda rung: 1.0, steps=lambda rung: 1)
-    (row,) = sweep.fd_dinov2_rows(plan, 0, folder)
+    (row,) = sweep.fd_dinov2_rows(plan, 0, folder, "b0")
     assert row["metric"] == "fd_dinov2_6" and row["metric_base"] == "fd_dinov2" and row["n"] == 6
     assert row["higher_is_better"] is False and row["value"] > 0
     assert row["fingerprint"]["extractor"].startswith("dinov2-") and "first 8" in row["fingerprint"]["reference"]
