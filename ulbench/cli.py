@@ -147,7 +147,7 @@ EXAMPLES = {
   ulbench eval fvd real_videos/ generated_videos/ --frames 16 --json
   ulbench eval fvd real_clips.npz fake_clips.npz          # arr_0 uint8 (N, T, H, W, C)""",
     "fetch": """examples:
-  ulbench assets fetch            # both networks' weights into $ULBENCH_CACHE (default ~/.cache/ulbench)
+  ulbench assets fetch            # every network's weights into $ULBENCH_CACHE (default ~/.cache/ulbench)
   ulbench assets fetch inception""",
     "stage1": """examples:
   ulbench train stage1 --preset ul-tiny --data photos --out runs/ul1 --steps 400 --lr 1e-3
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     asub = sub.add_parser("assets", help="offline weights").add_subparsers(dest="action", required=True)
     p = _sub(asub, "fetch", "Fetch, verify and convert the metric networks' weights", "fetch")
-    p.add_argument("name", nargs="?", default="all", choices=("all", "inception", "i3d"))
+    p.add_argument("name", nargs="?", default="all", choices=("all", "inception", "i3d", "lpips-vgg", "lpips-alex"))
     p.add_argument("--force", action="store_true", help="download again even if the cache is valid")
     p.set_defaults(func=cmd_assets_fetch)
 
