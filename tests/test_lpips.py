@@ -107,3 +107,38 @@ def test_lpips_checkpoint_is_hash_checked_before_unpickling(tmp_path):
     msg = str(e.value)
     assert "before unpickling" in msg and assets.LPIPS_VGG.sha256 in msg and hashlib.sha256(data).hexdigest() in msg
     assert "ulbench assets fetch lpips-vgg" in msg
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from ulbench.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_eval_lpips_pairs_by_name(tmp_path, capsys, ours, pairs):
+    import json
+
+    from PIL import Image
+
+    a, b = pairs[0][:3], pairs[1][N_PAIRS:N_PAIRS + 3]
+    names = ("c/x", "y", "z")  # relative paths without extension pair the images
+    for folder, images in (("a", a), ("b", b)):
+        for name, image in zip(names, images):
+            (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(tmp_path / folder / f"{name}.png")
+    rc, out, err = _cli(capsys, "eval", "lpips", tmp_path / "a", tmp_path / "b", "--json")
+    assert rc == 0, err
+    r = json.loads(out)
+    want = lpips_per_image(a, b, ours["vgg"])
+    assert r["n"] == 3 and r["fingerprint"]["net"] == "vgg"
+    assert r["lpips_mean"] == pytest.approx(want.mean(), abs=1e-6)
+    assert r["lpips_std"] == pytest.approx(want.std(), abs=1e-6)
+    np.savez(tmp_path / "a.npz", a), np.savez(tmp_path / "b.npz", b)
+    rc, out, err = _cli(capsys, "eval", "lpips", tmp_path / "a.npz", tmp_path / "b.npz", "--net", "alex", "--json")
+    assert rc == 0 and json.loads(out)["lpips_mean"] == pytest.approx(lpips_per_image(a, b, ours["alex"]).mean(),
+                                                                     abs=1e-6)
+    (tmp_path / "b" / "y.png").rename(tmp_path / "b" / "w.png")
+    rc, out, err = _cli(capsys, "eval", "lpips", tmp_path / "a", tmp_path / "b")
+    assert rc == 2 and "LPIPS pairs images by file name" in err and "only in" in err and "Traceback" not in err

@@ -192,3 +192,30 @@ def lpips_per_image(a: np.ndarray, b: np.ndarray, model: LPIPS, batch_size: int 
 
 def summarize(values: np.ndarray) -> dict:
     return {"lpips_mean": float(np.mean(values)), "lpips_std": float(np.std(values)), "n": int(len(values))}
+
+
+def lpips_paired(spec_a: str | os.PathLike, spec_b: str | os.PathLike, net: str = "vgg",
+                 weights: str | os.PathLike | None = None, batch_size: int = 16) -> dict:
+    """LPIPS between two paired image sets: folders paired by file name, or .npz arrays by index, as PSNR pairs them
+    (``metrics.psnr.paired_images``); consecutive pairs of one size are batched."""
+    from ulbench.metrics.psnr import paired_images
+
+    model = load_lpips(net, weights)
+    values: list[np.ndarray] = []
+    group_a: list[np.ndarray] = []
+    group_b: list[np.ndarray] = []
+
+    def flush() -> None:
+        if group_a:
+            values.append(lpips_per_image(np.stack(group_a), np.stack(group_b), model, batch_size))
+            group_a.clear(), group_b.clear()
+
+    for key, x, y in paired_images(spec_a, spec_b, metric="LPIPS"):
+        if min(x.shape[:2]) < model.spec.min_size:
+            raise UserError(f"LPIPS-{net}: {key} is {x.shape[1]}x{x.shape[0]}; the network needs at least "
+                            f"{model.spec.min_size}x{model.spec.min_size} pixels")
+        if group_a and (x.shape != group_a[0].shape or len(group_a) == batch_size):
+            flush()
+        group_a.append(x), group_b.append(y)
+    flush()
+    return summarize(np.concatenate(values) if values else np.zeros(0))
