@@ -142,3 +142,50 @@ def test_eval_lpips_pairs_by_name(tmp_path, capsys, ours, pairs):
     (tmp_path / "b" / "y.png").rename(tmp_path / "b" / "w.png")
     rc, out, err = _cli(capsys, "eval", "lpips", tmp_path / "a", tmp_path / "b")
     assert rc == 2 and "LPIPS pairs images by file name" in err and "only in" in err and "Traceback" not in err
+
+
+RLPIPS_SUITE = """
+version: 1
+name: rlpips
+dataset: {name: photos, resolution: 32, subset: 64}
+methods:
+  - {name: ul, kind: ul, preset: ul-tiny}
+compute: {ladder: [1.0e11], stage1: {train_flops: 1.0e11}}
+evaluation: {metrics: [psnr, rlpips], num_reconstructions: 8}
+"""
+
+
+class _NoisyAutoencoder:
+    """A stand-in stage 1: reconstructions are the originals plus seeded noise; no latent rate."""
+
+    def reconstruct(self, x, seeds, sampler):
+        return x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seeds[0]))
+
+    def bits_per_pixel(self, x, seed):
+        return torch.zeros(len(x))
+
+
+def test_rlpips_suite_metric_scores_reconstructions_where_psnr_is(tmp_path, ours):
+    from types import SimpleNamespace
+
+    from ulbench.metrics.registry import METRICS, metrics_for
+    from ulbench.suite import load_suite
+    from ulbench.sweep import Sweep
+
+    assert METRICS["rlpips"].higher_is_better is False and METRICS["rlpips"].needs == "reconstructions"
+    assert "rlpips" in metrics_for(video=False) and "rlpips" not in metrics_for(video=False, default_only=True)
+    (tmp_path / "s.yaml").write_text(RLPIPS_SUITE)
+    sweep = Sweep(load_suite(tmp_path / "s.yaml"), tmp_path / "run", progress=False)
+    plan = SimpleNamespace(name="ul", kind="ul", preset="ul-tiny", sampler={}, train_flops=lambda r: 0,
+                           steps=lambda r: 0)
+    rows = {r["metric"]: r for r in sweep.evaluate_reconstructions(plan, _NoisyAutoencoder())}
+    assert set(rows) == {"psnr", "rlpips"}
+    recon = np.load(tmp_path / "run" / "methods" / "ul" / "points" / "stage1" / "reconstructions.npz")["arr_0"]
+    originals = np.stack([((sweep.data[i][0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
+                          for i in range(8)]).astype(np.uint8)
+    want = lpips_per_image(originals, recon, ours["vgg"])
+    r = rows["rlpips"]
+    assert r["value"] == pytest.approx(want.mean(), abs=1e-6) and r["std"] == pytest.approx(want.std(), abs=1e-6)
+    assert r["higher_is_better"] is False and r["n"] == 8
+    assert r["fingerprint"]["weights_sha256"] == assets.LPIPS_VGG.sha256 and r["fingerprint"]["net"] == "vgg"
+    assert 0 < r["value"] < 1

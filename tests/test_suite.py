@@ -359,16 +359,20 @@ def test_metric_registry():
     from ulbench.metrics.registry import metrics_for
 
     assert list(METRICS) == ["fid", "kid", "class_acc", "rfid", "psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd",
-                             "bits_per_frame"]
+                             "bits_per_frame", "rlpips"]
     assert [METRICS[m].higher_is_better for m in METRICS] == [False, False, True, False, True, None, False, True, False,
-                                                              None]
+                                                              None, False]
     assert {m: METRICS[m].needs for m in METRICS} == {
         "fid": "samples", "kid": "samples", "class_acc": "samples", "rfid": "reconstructions",
         "psnr": "reconstructions", "bits_per_pixel": "reconstructions", "fvd": "samples", "pred_psnr": "samples", "rfvd": "reconstructions",
-        "bits_per_frame": "reconstructions"}
-    assert metrics_for(video=False) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel"]  # an image suite's default
-    assert metrics_for(video=False, conditional=True) == ["fid", "kid", "class_acc", "rfid", "psnr", "bits_per_pixel"]
-    assert metrics_for(video=True) == ["psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd", "bits_per_frame"]
+        "bits_per_frame": "reconstructions", "rlpips": "reconstructions"}
+    default = {"default_only": True}  # an image suite's default list: rlpips is opt-in
+    assert metrics_for(video=False, **default) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel"]
+    assert metrics_for(video=False, conditional=True, **default) == ["fid", "kid", "class_acc", "rfid", "psnr",
+                                                                     "bits_per_pixel"]
+    assert metrics_for(video=True, **default) == ["psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd", "bits_per_frame"]
+    assert metrics_for(video=False) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel", "rlpips"]  # all allowed
+    assert metrics_for(video=True) == metrics_for(video=True, **default)
 
 
 def test_repo_suites_validate():

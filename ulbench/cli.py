@@ -98,8 +98,6 @@ def cmd_lpips(args) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: give a positive number of image pairs per batch")
     r = lpips_paired(args.a, args.b, net=args.net, weights=args.lpips_weights, batch_size=args.batch_size)
-    r["fingerprint"] = {"metric": "lpips", "net": args.net, "version": "0.1", "input": "uint8 -> [-1, 1], no resize",
-                        "reduction": "per-image mean"}
     _emit(r, args.json, f"LPIPS-{args.net} {_fmt(r['lpips_mean'])} ± {_fmt(r['lpips_std'])}  (n={r['n']})")
 
 

@@ -542,7 +542,8 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
     p = ("evaluation",)
     d = {**EVAL_DEFAULTS, **ck.mapping(raw, p, tuple(EVAL_DEFAULTS))}
     allowed = metrics_for(dataset.video, dataset.class_conditional)
-    metrics = allowed if d["metrics"] is None else ck.sequence(d["metrics"], (*p, "metrics"), "metric names")
+    metrics = (metrics_for(dataset.video, dataset.class_conditional, default_only=True) if d["metrics"] is None
+               else ck.sequence(d["metrics"], (*p, "metrics"), "metric names"))
     for i, m in enumerate(metrics):
         ck.choice(m, (*p, "metrics", i), list(METRICS))
         if m not in allowed and METRICS[m].conditional and not dataset.class_conditional:

