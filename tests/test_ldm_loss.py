@@ -95,3 +95,20 @@ def test_step_rides_along_the_batches():
     batches = with_step(lambda start: iter([(torch.zeros(3, 1), torch.zeros(3))] * 2))
     steps = [int(b[-1][0]) for b in batches(5)]
     assert steps == [5, 6]
+
+
+def test_perceptual_term_is_lpips_per_value_of_the_summed_objective(images, lpips_weights):
+    # LDM adds LPIPS to every value's L1 before summing: per sample / D, loss = L1 + w * LPIPS + kl_weight * KL / D
+    from ulbench.metrics.lpips import load_lpips
+
+    cfg = kl_vae.vae_preset("kl-f4-tiny", perceptual_weight=0.5, disc_weight=0.0)
+    vae, lpips = kl_vae.build_vae(cfg), load_lpips("vgg")
+    torch.manual_seed(2)
+    got = LDMLoss(cfg, lpips)(vae, images, step=0)
+    torch.manual_seed(2)
+    base = kl_vae.vae_losses(vae, cfg, images)
+    torch.manual_seed(2)
+    x_hat = vae.decode(vae.encode(images).latent_dist.sample()).sample
+    want_lpips = lpips(images, x_hat)
+    torch.testing.assert_close(got["lpips"], want_lpips.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["loss"], base["loss"] + 0.5 * want_lpips, rtol=1e-5, atol=1e-6)
