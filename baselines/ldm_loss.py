@@ -101,8 +101,7 @@ class LDMLoss:
 
     def __call__(self, net: nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        model = getattr(net, "module", net)  # DDP / compile wrappers keep the module
-        vae, disc = (model.vae, model.disc) if cfg.uses_discriminator else (model, None)
+        vae, disc = (net.vae, net.disc) if cfg.uses_discriminator else (net, None)  # as vae_losses takes the net
         x = to_vae_range(x, cfg.input_range)
         posterior = vae.encode(x).latent_dist
         x_hat = vae.decode(posterior.sample()).sample  # (B, C, H, W), unclamped
