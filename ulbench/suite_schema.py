@@ -574,6 +574,13 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
             ck.fail(("dataset", "frames"), f"{' and '.join(fvds)} embed clips with I3D, which needs at least "
                     f"{MIN_FRAMES} frames (16 is the FVD protocol's length), got {dataset.frames}; use longer clips or "
                     "leave them out of evaluation.metrics")
+    if "rlpips" in metrics:
+        from ulbench.metrics.lpips import BACKBONES
+
+        if dataset.resolution < BACKBONES["vgg"].min_size:
+            ck.fail((*p, "metrics", list(metrics).index("rlpips")), f"rlpips (LPIPS-VGG) needs images of at least "
+                    f"{BACKBONES['vgg'].min_size}x{BACKBONES['vgg'].min_size} pixels, dataset.resolution is "
+                    f"{dataset.resolution}; leave it out of evaluation.metrics")
     return EvalSpec(
         metrics=tuple(metrics), num_samples=counts["num_samples"], num_reconstructions=counts["num_reconstructions"],
         reference=ck.string(d["reference"], (*p, "reference")), reference_size=counts.get("reference_size"),

@@ -221,8 +221,9 @@ def lpips_paired(spec_a: str | os.PathLike, spec_b: str | os.PathLike, net: str 
 
     for key, x, y in paired_images(spec_a, spec_b, metric="LPIPS"):
         if min(x.shape[:2]) < model.spec.min_size:
+            smaller = f" (--net vgg takes {BACKBONES['vgg'].min_size}x{BACKBONES['vgg'].min_size})" if net == "alex" else ""
             raise UserError(f"LPIPS-{net}: {key} is {x.shape[1]}x{x.shape[0]}; the network needs at least "
-                            f"{model.spec.min_size}x{model.spec.min_size} pixels")
+                            f"{model.spec.min_size}x{model.spec.min_size} pixels{smaller}")
         if group_a and (x.shape != group_a[0].shape or len(group_a) == batch_size):
             flush()
         group_a.append(x), group_b.append(y)
