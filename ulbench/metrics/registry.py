@@ -12,7 +12,7 @@ class MetricInfo:
     description: str
     data: str = "both"  # "image", "video" or "both": the datasets it is defined on
     conditional: bool = False  # defined on class-conditional datasets only
-    opt_in: bool = False  # only when the suite lists it (it needs a file the user supplies): not in the default list
+    opt_in: bool = False  # only where a suite lists it (a file the user supplies, or a costly network): not a default
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
@@ -34,7 +34,7 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("bits_per_frame", None, "reconstructions", "latent rate: the prior's L_z in bits per frame", "video"),
     MetricInfo("fd_dinov2", False, "samples", "Frechet distance of samples vs the reference in DINOv2 ViT-L/14 "
                "feature space (EDM2's fd_dinov2); needs evaluation.dinov2_weights", "image", opt_in=True),
-    # Opt-in: in the default list it would add the LPIPS network's cost (and its weights) to every suite that names no metrics.
+    # opt-in: as a default it would add the LPIPS network (cost, weights) to every suite that names no metrics
     MetricInfo("rlpips", False, "reconstructions", "LPIPS v0.1 (VGG) of reconstructions vs their originals, per "
                "image, then the mean", "image", opt_in=True),
 )}
