@@ -173,7 +173,7 @@ def test_rlpips_suite_metric_scores_reconstructions_where_psnr_is(tmp_path, ours
     from ulbench.sweep import Sweep
 
     assert METRICS["rlpips"].higher_is_better is False and METRICS["rlpips"].needs == "reconstructions"
-    assert "rlpips" in metrics_for(video=False) and "rlpips" not in metrics_for(video=False, default_only=True)
+    assert "rlpips" in metrics_for(video=False, opt_in=True) and "rlpips" not in metrics_for(video=False)
     (tmp_path / "s.yaml").write_text(RLPIPS_SUITE)
     sweep = Sweep(load_suite(tmp_path / "s.yaml"), tmp_path / "run", progress=False)
     plan = SimpleNamespace(name="ul", kind="ul", preset="ul-tiny", sampler={}, train_flops=lambda r: 0,
