@@ -359,16 +359,18 @@ def test_metric_registry():
     from ulbench.metrics.registry import metrics_for
 
     assert list(METRICS) == ["fid", "kid", "class_acc", "rfid", "psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd",
-                             "bits_per_frame"]
+                             "bits_per_frame", "precision", "recall"]
     assert [METRICS[m].higher_is_better for m in METRICS] == [False, False, True, False, True, None, False, True, False,
-                                                              None]
+                                                              None, True, True]
     assert {m: METRICS[m].needs for m in METRICS} == {
         "fid": "samples", "kid": "samples", "class_acc": "samples", "rfid": "reconstructions",
         "psnr": "reconstructions", "bits_per_pixel": "reconstructions", "fvd": "samples", "pred_psnr": "samples", "rfvd": "reconstructions",
-        "bits_per_frame": "reconstructions"}
+        "bits_per_frame": "reconstructions", "precision": "samples", "recall": "samples"}
     assert metrics_for(video=False) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel"]  # an image suite's default
     assert metrics_for(video=False, conditional=True) == ["fid", "kid", "class_acc", "rfid", "psnr", "bits_per_pixel"]
     assert metrics_for(video=True) == ["psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd", "bits_per_frame"]
+    assert metrics_for(video=False, optional=True)[-2:] == ["precision", "recall"]  # by name only, images only
+    assert metrics_for(video=True, optional=True) == metrics_for(video=True)
 
 
 def test_repo_suites_validate():

@@ -12,6 +12,7 @@ class MetricInfo:
     description: str
     data: str = "both"  # "image", "video" or "both": the datasets it is defined on
     conditional: bool = False  # defined on class-conditional datasets only
+    optional: bool = False  # not in a suite's default list: asked for by name only
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
@@ -31,6 +32,10 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
                "frame (uint8, range 255), then the mean", "video"),
     MetricInfo("rfvd", False, "reconstructions", "FVD of autoencoder reconstructions vs their original clips", "video"),
     MetricInfo("bits_per_frame", None, "reconstructions", "latent rate: the prior's L_z in bits per frame", "video"),
+    MetricInfo("precision", True, "samples", "improved precision (Kynkaanniemi et al. 2019, k=3 as ADM): fraction of "
+               "samples inside the reference images' k-NN balls in FID's Inception features", "image", optional=True),
+    MetricInfo("recall", True, "samples", "improved recall (k=3): fraction of reference images inside the samples' "
+               "k-NN balls in FID's Inception features", "image", optional=True),
 )}
 
 
@@ -44,8 +49,8 @@ def needing(what: str) -> set[str]:
     return {m for m, info in METRICS.items() if info.needs == what}
 
 
-def metrics_for(video: bool, conditional: bool = False) -> list[str]:
+def metrics_for(video: bool, conditional: bool = False, optional: bool = False) -> list[str]:
     """The metrics defined on image (or video), unconditional (or class-conditional) datasets, in registry order: a
-    suite's default list."""
+    suite's default list; with ``optional``, also those asked for by name only (all a suite may list)."""
     return [m.name for m in METRICS.values() if m.data in ("both", "video" if video else "image")
-            and (conditional or not m.conditional)]
+            and (conditional or not m.conditional) and (optional or not m.optional)]
