@@ -175,6 +175,10 @@ class ImageEvaluator:
         reference), from the same Inception features as FID; both sides need images. None on ranks other than 0."""
         check_k(k)
         check_limit(limit)
+        for spec in (spec_a, spec_b):  # before any image is embedded
+            if is_stats_file(spec):
+                raise UserError(f"{spec}: a statistics file (mu, sigma) has no per-image features; precision and "
+                                "recall need the images (a folder, an .npz of images (arr_0), or --generator)")
         a = self.set_stats(spec_a, keep_features=True, limit=limit)
         b = self.set_stats(spec_b, keep_features=True, limit=limit)
         return self.pr_from_stats(a, b, k) if dist.is_main() else None

@@ -71,11 +71,17 @@ def _import_module(module: str, spec: str):
                         f"{os.getcwd()} and on sys.path). Give {SPEC_FORM}.") from None
 
 
-def load_sampler(spec: str) -> Callable:
-    """Import ``MODULE:FUNCTION``, call ``FUNCTION()`` and return the ``sample(seeds, labels)`` it makes."""
+def split_spec(spec: str) -> tuple[str, str]:
+    """``MODULE:FUNCTION`` -> (MODULE, FUNCTION), or a UserError showing the form."""
     module, sep, attr = str(spec).rpartition(":")
     if not sep or not module or not attr.isidentifier():
         raise UserError(f"--generator '{spec}': expected {SPEC_FORM}, e.g. mypkg.sampling:make_sampler")
+    return module, attr
+
+
+def load_sampler(spec: str) -> Callable:
+    """Import ``MODULE:FUNCTION``, call ``FUNCTION()`` and return the ``sample(seeds, labels)`` it makes."""
+    module, attr = split_spec(spec)
     mod = _import_module(module, spec)
     make = getattr(mod, attr, None)
     if make is None:
@@ -120,6 +126,8 @@ def generator_source(sample: Callable | str, num_samples: int | None = None, see
     callable or a ``MODULE:FUNCTION`` spec (``load_sampler``). Never cached (a generator has no stable identity).
     Making the source samples the first seed once, so a wrong output fails before any Inception work and the
     resolution is known for the fingerprint."""
+    if isinstance(sample, str):
+        split_spec(sample)  # the form first; the module is imported once the counts are checked
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
         raise UserError(f"--num-classes {num_classes}: must be an integer >= 1 (omit it for an unconditional "
