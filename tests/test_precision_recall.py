@@ -60,3 +60,62 @@ def test_blocks_do_not_change_the_result():
 def test_bad_input_is_named(k, gen, ref, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):
         precision_recall(gen, ref, k=k, device="cpu")
+
+
+def test_suite_metrics_precision_recall(tmp_path):
+    from ulbench.metrics.stats import Moments
+    from ulbench.suite import load_suite
+    from ulbench.suite_schema import SuiteError
+
+    Moments(np.zeros(4), np.eye(4), 10).save_npz(tmp_path / "stats.npz")
+    path = tmp_path / "s.yaml"
+    text = ("version: 1\ndataset: {name: photos, resolution: 32}\nmethods: [{name: m, preset: ul-tiny}]\n"
+            "compute: {ladder: [1.0e12]}\nevaluation: {%s}\n")
+    path.write_text(text % "metrics: [fid, precision, recall]")
+    assert load_suite(path).evaluation.metrics == ("fid", "precision", "recall")
+    path.write_text(text % "num_samples: 8")
+    assert not {"precision", "recall"} & set(load_suite(path).evaluation.metrics)  # optional: by name only
+    path.write_text(text % f"metrics: [fid, recall], reference: {tmp_path / 'stats.npz'}")
+    with pytest.raises(SuiteError, match=r"evaluation.metrics\[1\]: recall need the reference images' features"):
+        load_suite(path)
+    path.write_text(text % "metrics: [precision], num_samples: 3")
+    with pytest.raises(SuiteError, match="precision needs at least 4 samples .each image needs 3 nearest neighbours"):
+        load_suite(path)
+
+
+def test_sweep_rows_come_from_the_fid_features(tmp_path):
+    """Sweep.evaluate_samples: precision and recall rows from the very features FID uses (samples and reference)."""
+    from types import SimpleNamespace
+
+    from ulbench.metrics.fid import ImageEvaluator, SetStats
+    from ulbench.metrics.stats import FeatureStats
+    from ulbench.suite import load_suite
+    from ulbench.sweep import Sweep
+
+    g = torch.Generator().manual_seed(3)
+    feats = {"samples": torch.randn(30, 4, generator=g) * 0.6 + 0.8, "reference": torch.randn(20, 4, generator=g)}
+    kept = {}
+
+    class Features(ImageEvaluator):  # the evaluator's own statistics -> metric stages on hand-made features
+        def __init__(self):
+            self.resize = "legacy"
+
+        def set_stats(self, spec, keep_features=False, limit=None):
+            name = spec if isinstance(spec, str) else "samples"  # the samples come as an array of images
+            kept[name] = keep_features
+            fs = FeatureStats()
+            fs.update(feats[name])
+            return SetStats(fs.moments(), name, (8, 8), feats[name].float() if keep_features else None)
+
+    (tmp_path / "s.yaml").write_text("version: 1\ndataset: {name: photos, resolution: 32}\nmethods: [{name: m, preset: "
+                                     "ul-tiny}]\ncompute: {ladder: [1.0e12]}\nevaluation: {metrics: [fid, recall, "
+                                     "precision], num_samples: 30}\n")
+    fake = SimpleNamespace(suite=load_suite(tmp_path / "s.yaml"), run_dir=tmp_path, evaluator=Features(),
+                           generate=lambda *a: np.zeros((30, 8, 8, 3), np.uint8), reference=lambda: "reference",
+                           fingerprint=lambda fp, n=None: fp, row=lambda *a, **kw: dict(zip(("metric", "value"), a[3:5])))
+    rows = Sweep.evaluate_samples(fake, SimpleNamespace(name="m", guidance=[1.0]), None, 0)
+    expected = precision_recall(feats["samples"], feats["reference"], device="cpu")
+    assert kept == {"samples": True, "reference": True}
+    assert [r["metric"] for r in rows] == ["fid", "precision", "recall"]
+    assert (rows[1]["value"], rows[2]["value"]) == (expected["precision"], expected["recall"])
+    assert 0 < expected["precision"] < 1 and 0 < expected["recall"] < 1

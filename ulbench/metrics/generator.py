@@ -144,6 +144,9 @@ def generator_source(sample: Callable | str, num_samples: int | None = None, see
     if len(all_seeds) == 0:
         raise UserError("--seeds: no seeds given")
     if isinstance(sample, str):
+        from ulbench import dist
+
+        dist.rank_world()  # under torchrun: the process group up and this rank's GPU current before make_sampler()
         name = name or f"generator {sample}"
         sample = load_sampler(sample)
     name = name or f"generator {getattr(sample, '__qualname__', type(sample).__name__)}"
