@@ -112,7 +112,8 @@ def test_sweep_rows_come_from_the_fid_features(tmp_path):
                                      "precision], num_samples: 30}\n")
     fake = SimpleNamespace(suite=load_suite(tmp_path / "s.yaml"), run_dir=tmp_path, evaluator=Features(),
                            generate=lambda *a: np.zeros((30, 8, 8, 3), np.uint8), reference=lambda: "reference",
-                           fingerprint=lambda fp, n=None: fp, row=lambda *a, **kw: dict(zip(("metric", "value"), a[3:5])))
+                           fingerprint=lambda fp, n=None: fp,
+                           row=lambda *a, **kw: dict(zip(("metric", "value"), a[3:5])))
     rows = Sweep.evaluate_samples(fake, SimpleNamespace(name="m", guidance=[1.0]), None, 0)
     expected = precision_recall(feats["samples"], feats["reference"], device="cpu")
     assert kept == {"samples": True, "reference": True}

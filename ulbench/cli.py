@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "diffusion (Unified Latents and baselines).")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="metrics: fid, kid, pr, stats, psnr, fvd").add_subparsers(dest="metric", required=True)
+    ev = sub.add_parser("eval", help="metrics: fid, kid, pr, stats, psnr, fvd").add_subparsers(dest="metric",
+                                                                                               required=True)
     p = _sub(ev, "fid", "Fréchet Inception Distance between two image sets (folders, .npz images or .npz stats)")
     p.add_argument("a"), p.add_argument("b", nargs="?")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
