@@ -359,20 +359,21 @@ def test_metric_registry():
     from ulbench.metrics.registry import metrics_for
 
     assert list(METRICS) == ["fid", "kid", "class_acc", "rfid", "psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd",
-                             "bits_per_frame", "fd_dinov2", "rlpips"]
+                             "bits_per_frame", "fd_dinov2", "rlpips", "precision", "recall"]
     assert [METRICS[m].higher_is_better for m in METRICS] == [False, False, True, False, True, None, False, True, False,
-                                                              None, False, False]
+                                                              None, False, False, True, True]
     assert {m: METRICS[m].needs for m in METRICS} == {
         "fid": "samples", "kid": "samples", "class_acc": "samples", "rfid": "reconstructions",
         "psnr": "reconstructions", "bits_per_pixel": "reconstructions", "fvd": "samples", "pred_psnr": "samples", "rfvd": "reconstructions",
-        "bits_per_frame": "reconstructions", "fd_dinov2": "samples", "rlpips": "reconstructions"}
+        "bits_per_frame": "reconstructions", "fd_dinov2": "samples", "rlpips": "reconstructions", "precision": "samples",
+        "recall": "samples"}
     assert metrics_for(video=False) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel"]  # an image suite's default
     assert metrics_for(video=False, conditional=True) == ["fid", "kid", "class_acc", "rfid", "psnr", "bits_per_pixel"]
     assert metrics_for(video=True) == ["psnr", "bits_per_pixel", "fvd", "pred_psnr", "rfvd", "bits_per_frame"]
-    # fd_dinov2 needs the user's weights file and rlpips the LPIPS network's cost: a suite lists them itself, they
-    # are never in the default list
+    # fd_dinov2 needs the user's weights file, rlpips the LPIPS network's cost, precision/recall reference images: a
+    # suite lists them itself, they are never in the default list (images only)
     assert metrics_for(video=False, opt_in=True) == ["fid", "kid", "rfid", "psnr", "bits_per_pixel", "fd_dinov2",
-                                                     "rlpips"]
+                                                     "rlpips", "precision", "recall"]
     assert metrics_for(video=True, opt_in=True) == metrics_for(video=True)
 
 

@@ -23,7 +23,8 @@ DEFAULT_TOLERANCES = {"fid": {"rel": 0.15, "abs": 0.0}, "kid": {"rel": 0.3, "abs
                       "bits_per_pixel": {"rel": 0.15, "abs": 0.0}, "fvd": {"rel": 0.15, "abs": 0.0},
                       "rfvd": {"rel": 0.15, "abs": 0.0}, "pred_psnr": {"rel": 0.0, "abs": 0.75},
                       "bits_per_frame": {"rel": 0.15, "abs": 0.0}, "fd_dinov2": {"rel": 0.15, "abs": 0.0},
-                      "rlpips": {"rel": 0.15, "abs": 0.01}}
+                      "rlpips": {"rel": 0.15, "abs": 0.01},
+                      "precision": {"rel": 0.0, "abs": 0.1}, "recall": {"rel": 0.0, "abs": 0.1}}
 
 
 def _key(row: dict) -> tuple:

@@ -37,6 +37,10 @@ FID_FLAGS = (("--bootstrap", lambda v: v == 0 or v >= 2, "0 (no interval) or at 
 KID_FLAGS = (("--subsets", _at_least(1), "must be >= 1"),
              ("--subset-size", _at_least(2), "must be >= 2 (the unbiased estimate pairs distinct images)"))
 # --frames: VideoEvaluator checks I3D's minimum clip length, also before the network loads.
+PR_FLAGS = (("--k", _at_least(1), "must be >= 1 (the k-th nearest neighbour sets each ball's radius; ADM uses 3)"),)
+GENERATOR_FLAGS = (("--num-samples", _at_least(1, none_ok=True), "must be >= 1"),
+                   ("--num-classes", _at_least(1, none_ok=True), "must be >= 1 (omit it for an unconditional "
+                                                                  "generator)"))
 FVD_FLAGS = (("--stride", _at_least(1), "must be >= 1"), ("--start", _at_least(0), "must be >= 0"),
              ("--clips-per-video", _at_least(1), "must be >= 1"), ("--batch-size", _at_least(1), "must be >= 1"))
 
@@ -62,9 +66,36 @@ def _image_evaluator(args, features: str = "inception"):
                           dinov2_weights=dinov2_weights)
 
 
+def _image_inputs(args, count: int = 2) -> list:
+    """The command's inputs: its positional ones, or with --generator the generator's images first and then the
+    positional ones (the reference). The generator is imported and its first sample checked before Inception loads."""
+    given = [x for x in (args.a, getattr(args, "b", None))[:count] if x is not None]
+    if args.generator is None:
+        extra = [f for f in ("num_samples", "seeds", "num_classes") if getattr(args, f) is not None]
+        if extra:
+            raise UserError(f"--{extra[0].replace('_', '-')} goes with --generator MODULE:FUNCTION; without it the "
+                            "inputs are image folders or files")
+        if len(given) < count:
+            raise UserError(f"give {count} input(s) ({'samples and reference' if count == 2 else 'an image set'}), "
+                            "or --generator MODULE:FUNCTION" + (" and the reference" if count == 2 else ""))
+        return given
+    if len(given) != count - 1:
+        raise UserError(f"--generator {args.generator}: the samples come from the generator, so give "
+                        f"{'only the reference' if count == 2 else 'no input'}; got {' '.join(map(str, given))}")
+    _check_flags(args, GENERATOR_FLAGS)
+    from ulbench.metrics.generator import generator_source, parse_seeds
+
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    num = args.num_samples if args.num_samples is not None or seeds is not None else None
+    gen = generator_source(args.generator, num_samples=num, seeds=seeds, num_classes=args.num_classes,
+                           limit=args.limit)
+    return [gen, *given]
+
+
 def cmd_fid(args) -> None:
     _check_flags(args, IMAGE_FLAGS, FID_FLAGS)
-    r = _image_evaluator(args).fid(args.a, args.b, bootstrap=args.bootstrap, seed=args.seed, limit=args.limit)
+    a, b = _image_inputs(args)
+    r = _image_evaluator(args).fid(a, b, bootstrap=args.bootstrap, seed=args.seed, limit=args.limit)
     ci = f"  95% CI [{_fmt(r['fid_ci95'][0])}, {_fmt(r['fid_ci95'][1])}]" if "fid_ci95" in r else ""
     _emit(r, args.json, f"FID {_fmt(r['fid'])}  (n={r['n']}){ci}")
 
@@ -79,17 +110,29 @@ def cmd_fd_dinov2(args) -> None:
 
 def cmd_kid(args) -> None:
     _check_flags(args, IMAGE_FLAGS, KID_FLAGS)
-    r = _image_evaluator(args).kid(args.a, args.b, subsets=args.subsets, subset_size=args.subset_size,
+    a, b = _image_inputs(args)
+    r = _image_evaluator(args).kid(a, b, subsets=args.subsets, subset_size=args.subset_size,
                                    limit=args.limit)
     if r is None:  # not rank 0 (torchrun): the features and the result are there
         return
     _emit(r, args.json, f"KID {_fmt(r['kid_mean'])} ± {_fmt(r['kid_std'])}  (n={r['n']})")
 
 
+def cmd_pr(args) -> None:
+    _check_flags(args, IMAGE_FLAGS, PR_FLAGS)
+    a, b = _image_inputs(args)
+    r = _image_evaluator(args).precision_recall(a, b, k=args.k, limit=args.limit)
+    if r is None:  # not rank 0 (torchrun)
+        return
+    _emit(r, args.json, f"precision {_fmt(r['precision'])}  recall {_fmt(r['recall'])}  (k={r['k']}, "
+                        f"n={r['n']} vs {r['n_reference']})")
+
+
 def cmd_stats(args) -> None:
     _check_flags(args, IMAGE_FLAGS)
+    (a,) = _image_inputs(args, count=1)
     ev = _image_evaluator(args, args.features)
-    s = ev.set_stats(args.a, limit=args.limit)
+    s = ev.set_stats(a, limit=args.limit)
     from ulbench import dist
 
     if dist.is_main():
@@ -158,7 +201,10 @@ EXAMPLES = {
   ulbench eval fid samples/ reference/                 # two image folders (png/jpg, recursive)
   ulbench eval fid samples.npz VIRTUAL_imagenet512.npz   # ADM sample batch vs ADM reference statistics
   ulbench eval fid photos:0 photos:1 --bootstrap 20 --json
-  ulbench eval fid a/ b/ --resize clean                  # clean-fid's PIL-bicubic resize""",
+  ulbench eval fid a/ b/ --resize clean                  # clean-fid's PIL-bicubic resize
+  ulbench eval fid --generator mypkg.sampling:make_sampler --num-samples 50000 --batch-size 250 ref.npz
+  torchrun --nproc-per-node 8 -m ulbench.cli eval fid --generator sampler.py:make_sampler --num-samples 50000 \\
+      --num-classes 1000 VIRTUAL_imagenet512.npz         # no images written; see README, Evaluating a generator""",
     "fd-dinov2": """examples:
   ulbench eval fd-dinov2 samples/ reference/ --dinov2-weights ~/dinov2_vitl14_pretrain.pth
   ULBENCH_DINOV2_WEIGHTS=~/.cache/torch ulbench eval fd-dinov2 samples.npz ref_dinov2.npz --json
@@ -166,11 +212,15 @@ EXAMPLES = {
 
 The network is DINOv2 ViT-L/14 (official weights, 1.2 GB, never downloaded by ulbench: see --dinov2-weights);
 the feature is its CLS token after the final norm at 224 x 224, ImageNet-normalized (EDM2's fd_dinov2).""",
+    "pr": """examples:
+  ulbench eval pr samples/ reference/ --json           # keys precision, recall, k, n, n_reference
+  ulbench eval pr --generator mypkg.sampling:make_sampler --num-samples 50000 reference.npz   # arr_0 images""",
     "kid": """examples:
   ulbench eval kid samples/ reference/ --subset-size 100 --json""",
     "stats": """examples:
   ulbench eval stats reference/ -o ref.npz    # ADM layout (mu, sigma); then: ulbench eval fid samples/ ref.npz
-  ulbench eval stats reference/ -o ref_dinov2.npz --features dinov2 --dinov2-weights PATH   # for eval fd-dinov2""",
+  ulbench eval stats reference/ -o ref_dinov2.npz --features dinov2 --dinov2-weights PATH   # for eval fd-dinov2
+  ulbench eval stats --generator mypkg.sampling:make_sampler --num-samples 10000 -o gen.npz""",
     "psnr": """examples:
   ulbench eval psnr originals/ reconstructions/ --json   # paired by file name (relative path, extension ignored)
   ulbench eval psnr originals.npz reconstructions.npz    # two arrays (no names): paired by index""",
@@ -221,6 +271,16 @@ def _add_image_protocol(p: argparse.ArgumentParser, features: tuple[str, ...] = 
     p.add_argument("--json", action="store_true", help="print one line of JSON and no progress bars")
 
 
+def _add_generator(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generator (samples made on the fly, no images written; README 'Evaluating a generator')")
+    g.add_argument("--generator", default=None, metavar="MODULE:FUNCTION",
+                   help="FUNCTION() returns sample(seeds, labels) -> uint8 (B, 3, H, W); MODULE is a dotted module "
+                        "(current directory first on sys.path) or path/to/file.py. Then give only the reference")
+    g.add_argument("--num-samples", type=int, default=None, help="seeds 0 .. N-1")
+    g.add_argument("--seeds", default=None, help="instead of --num-samples: e.g. 0-49999 or 0,5,9-12")
+    g.add_argument("--num-classes", type=int, default=None, help="class-conditional: seed s gets label s mod K")
+
+
 def _sub(parent, name: str, help: str, examples_key: str | None = None) -> argparse.ArgumentParser:
     return parent.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(examples_key or name),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,14 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "diffusion (Unified Latents and baselines).")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    ev = sub.add_parser("eval", help="metrics: fid, fd-dinov2, kid, stats, psnr, lpips, fvd").add_subparsers(
+    ev = sub.add_parser("eval", help="metrics: fid, fd-dinov2, kid, pr, stats, psnr, lpips, fvd").add_subparsers(
         dest="metric", required=True)
     p = _sub(ev, "fid", "Fréchet Inception Distance between two image sets (folders, .npz images or .npz stats)")
-    p.add_argument("a"), p.add_argument("b")
+    p.add_argument("a"), p.add_argument("b", nargs="?")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
                    "0: none, else at least 2")
     p.add_argument("--seed", type=int, default=0)
     _add_image_protocol(p)
+    _add_generator(p)
     p.set_defaults(func=cmd_fid)
     p = _sub(ev, "fd-dinov2", "Fréchet distance in DINOv2 ViT-L/14 feature space (EDM2's fd_dinov2) between two "
              "image sets (folders, .npz images or .npz stats written with --features dinov2)")
@@ -249,17 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_protocol(p, ("dinov2",))
     p.set_defaults(func=cmd_fd_dinov2)
     p = _sub(ev, "kid", "Kernel Inception Distance (torch-fidelity's definition) between two image sets")
-    p.add_argument("a"), p.add_argument("b")
+    p.add_argument("a"), p.add_argument("b", nargs="?")
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--subset-size", type=int, default=1000, help="capped at the smaller set's size")
     _add_image_protocol(p)
+    _add_generator(p)
     p.set_defaults(func=cmd_kid)
+    p = _sub(ev, "pr", "Improved precision and recall (Kynkäänniemi et al. 2019; k-NN balls in FID's Inception "
+             "features, k=3 as in ADM's evaluator) of samples A against reference B; both need images")
+    p.add_argument("a"), p.add_argument("b", nargs="?")
+    p.add_argument("--k", type=int, default=3, help="neighbourhood size (default 3, ADM's)")
+    _add_image_protocol(p)
+    _add_generator(p)
+    p.set_defaults(func=cmd_pr)
     p = _sub(ev, "stats", "Write Inception (or DINOv2) statistics of an image set as an ADM-layout .npz (mu, sigma)")
-    p.add_argument("a")
+    p.add_argument("a", nargs="?")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--features", choices=("inception", "dinov2"), default="inception",
                    help="inception: for eval fid (default); dinov2: for eval fd-dinov2")
     _add_image_protocol(p, ("inception", "dinov2"))
+    _add_generator(p)
     p.set_defaults(func=cmd_stats)
     p = _sub(ev, "psnr", "PSNR (uint8, range 255, per image) between two paired image sets: two folders, paired by "
              "file name (relative path without extension; names that differ are an error), or two ADM .npz arrays, "

@@ -181,7 +181,7 @@ MAX_RUNGS = 1000  # a {start, factor, count} ladder longer than this is a typo, 
 MAX_LOG10_FLOPS = 300  # a ladder's rungs stay well inside a float's range (1.8e308)
 # Items a metric needs at least: a Frechet distance needs a covariance, KID's unbiased MMD pairs of items; the
 # others are per-item means (1).
-MIN_ITEMS = {"fid": 2, "kid": 2, "rfid": 2, "fvd": 2, "rfvd": 2}
+MIN_ITEMS = {"fid": 2, "kid": 2, "rfid": 2, "fvd": 2, "rfvd": 2, "precision": 4, "recall": 4}  # PR: k=3 neighbours
 MIN_BOOTSTRAP = 2  # evaluation.bootstrap: 0 (no interval) or at least 2 resamples for a percentile interval
 MIN_KID_SUBSET = 2
 # Defaults of the optional keys of the sections (required: dataset.name, dataset.resolution, methods[].name,
@@ -558,6 +558,12 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
     if "class_acc" in metrics and d["reference"] != "dataset":
         ck.fail((*p, "metrics", list(metrics).index("class_acc")), "class_acc needs labelled reference images: "
                 "reference: dataset (a statistics file or folder has no labels)")
+    needs_images = [m for m in metrics if m in ("kid", "precision", "recall")]
+    if needs_images and isinstance(d["reference"], str) and d["reference"] != "dataset" \
+            and _is_stats_file(d["reference"]):
+        ck.fail((*p, "metrics", list(metrics).index(needs_images[0])), f"{' and '.join(needs_images)} need the "
+                f"reference images' features, and {d['reference']} holds statistics (mu, sigma) only: give an image "
+                "folder or .npz of images as evaluation.reference, reference: dataset, or leave them out")
     sampler = read_sampler(ck, {**SAMPLER_DEFAULTS, **ck.mapping(d["sampler"], (*p, "sampler"),
                                                                  tuple(SAMPLER_DEFAULTS))}, (*p, "sampler"))
     counts = {key: _read_count(ck, d[key], (*p, key), metrics, needs, dataset)
@@ -601,6 +607,12 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
         dataset=read_eval_dataset(ck, d["dataset"], dataset), dinov2_weights=dinov2_weights)
 
 
+def _is_stats_file(path: str) -> bool:
+    from ulbench.metrics.stats import is_stats_file  # here: numpy and torch only when a suite names a file
+
+    return is_stats_file(Path(path).expanduser())
+
+
 def _read_count(ck: Checker, raw: Any, p: Key, metrics: Sequence[str], needs: str, dataset: DatasetSpec) -> int:
     """num_samples, num_reconstructions or reference_size: at least what each metric using it needs (MIN_ITEMS)."""
     n = ck.integer(raw, p, 1)
@@ -608,8 +620,10 @@ def _read_count(ck: Checker, raw: Any, p: Key, metrics: Sequence[str], needs: st
     if short:
         items = ("clips" if dataset.video else "images") if p[-1] == "reference_size" else \
             ("clips" if dataset.video else needs)
-        why = [w for w, ok in (("a Frechet distance needs a covariance", set(short) - {"kid"}),
-                               ("KID's unbiased estimate needs pairs", "kid" in short)) if ok]
+        why = [w for w, ok in (("a Frechet distance needs a covariance", set(short) - {"kid", "precision", "recall"}),
+                               ("KID's unbiased estimate needs pairs", "kid" in short),
+                               ("each image needs 3 nearest neighbours", {"precision", "recall"} & set(short)))
+               if ok]
         ck.fail(p, f"{' and '.join(short)} need{'s' if len(short) == 1 else ''} at least "
                 f"{max(MIN_ITEMS[m] for m in short)} {items} ({'; '.join(why)}), got {n}")
     return n

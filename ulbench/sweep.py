@@ -339,10 +339,12 @@ class Sweep:
         for g in plan.guidance:
             t0 = time.perf_counter()
             images = self.generate(plan, runner, g, folder / f"samples_g{g:g}.npz")
-            # Inception once per sample set: FID and KID both come from these features and the reference's
-            if {"fid", "kid", "class_acc"} & set(wanted):
+            # Inception once per sample set: FID, KID, class_acc and precision/recall all come from these features
+            # and the reference's
+            if {"fid", "kid", "class_acc", "precision", "recall"} & set(wanted):
                 a = self.evaluator.set_stats(images, keep_features=True)
-                b = self.evaluator.set_stats(self.reference(), keep_features=bool({"kid", "class_acc"} & set(wanted)))
+                b = self.evaluator.set_stats(self.reference(), keep_features=bool({"kid", "class_acc", "precision",
+                                                                                   "recall"} & set(wanted)))
             if not dist.is_main():
                 continue
             save_grid(images, folder / f"grid_g{g:g}.png")
@@ -357,6 +359,11 @@ class Sweep:
                 fp = self.fingerprint(r["fingerprint"])
                 rows.append(self.row(plan, point, rung, "kid", r["kid_mean"], r["n"], fp,
                                      time.perf_counter() - t0, std=r["kid_std"], guidance=g, grid=grid))
+            if {"precision", "recall"} & set(wanted):
+                r = self.evaluator.pr_from_stats(a, b)
+                fp = self.fingerprint(r["fingerprint"])
+                rows.extend(self.row(plan, point, rung, m, r[m], r["n"], fp, time.perf_counter() - t0, guidance=g,
+                                     grid=grid) for m in ("precision", "recall") if m in wanted)
             if "class_acc" in wanted:
                 rows.append(self.class_accuracy(plan, rung, a.features, b.features, g, time.perf_counter() - t0, grid,
                                                 point))

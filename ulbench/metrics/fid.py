@@ -23,6 +23,7 @@ from ulbench.errors import UserError
 from ulbench.io import atomic_write
 from ulbench.metrics.images import ImageSource, check_limit, prepare_batch, resolve_source
 from ulbench.metrics.inception import EXTRACTOR_NAME, FEATURE_DIM, InceptionFeatures
+from ulbench.metrics.precision_recall import PR_K, check_k, precision_recall
 from ulbench.metrics.stats import (NPZ_READ_ERRORS, FeatureStats, Moments, bootstrap_frechet, frechet_distance,
                                    is_stats_file)
 
@@ -123,8 +124,8 @@ class ImageEvaluator:
     def set_stats(self, spec, keep_features: bool = False, limit: int | None = None) -> SetStats:
         if is_stats_file(spec):
             if keep_features:
-                raise UserError(f"{spec}: a statistics file has no per-image features; KID and the bootstrap "
-                                "interval need images (a folder or an .npz of images) on this side.")
+                raise UserError(f"{spec}: a statistics file has no per-image features; KID, precision/recall and "
+                                "the bootstrap interval need images (a folder or an .npz of images) on this side.")
             moments = self._check_stats_file(spec, Moments.load_npz(spec))
             return SetStats(moments, str(spec), None, stats_file_sha256=assets.sha256_file(Path(spec)))
         source = resolve_source(spec, limit)
@@ -207,6 +208,23 @@ class ImageEvaluator:
         fp = self.fingerprint(a, b) | {"kid_subsets": subsets, "kid_subset_size": size}
         return {"kid_mean": m[KEY_METRIC_KID_MEAN], "kid_std": m[KEY_METRIC_KID_STD],
                 "n": a.moments.n, "fingerprint": fp}
+
+    def precision_recall(self, spec_a, spec_b, k: int = PR_K, limit: int | None = None) -> dict | None:
+        """Improved precision and recall (k-NN manifolds, Kynkäänniemi et al. 2019) of A (samples) against B (the
+        reference), from the same Inception features as FID; both sides need images. None on ranks other than 0."""
+        check_k(k)
+        check_limit(limit)
+        for spec in (spec_a, spec_b):  # before any image is embedded
+            if is_stats_file(spec):
+                raise UserError(f"{spec}: a statistics file (mu, sigma) has no per-image features; precision and "
+                                "recall need the images (a folder, an .npz of images (arr_0), or --generator)")
+        a = self.set_stats(spec_a, keep_features=True, limit=limit)
+        b = self.set_stats(spec_b, keep_features=True, limit=limit)
+        return self.pr_from_stats(a, b, k) if dist.is_main() else None
+
+    def pr_from_stats(self, a: SetStats, b: SetStats, k: int = PR_K) -> dict:
+        r = precision_recall(a.features, b.features, k=k)
+        return r | {"fingerprint": self.fingerprint(a, b) | {"pr_k": k}}
 
 
 def _read_cache(path: Path, need_features: bool, dim: int = FEATURE_DIM):

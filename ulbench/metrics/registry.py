@@ -37,6 +37,10 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     # opt-in: as a default it would add the LPIPS network (cost, weights) to every suite that names no metrics
     MetricInfo("rlpips", False, "reconstructions", "LPIPS v0.1 (VGG) of reconstructions vs their originals, per "
                "image, then the mean", "image", opt_in=True),
+    MetricInfo("precision", True, "samples", "improved precision (Kynkaanniemi et al. 2019, k=3 as ADM): fraction of "
+               "samples inside the reference images' k-NN balls in FID's Inception features", "image", opt_in=True),
+    MetricInfo("recall", True, "samples", "improved recall (k=3): fraction of reference images inside the samples' "
+               "k-NN balls in FID's Inception features", "image", opt_in=True),
 )}
 
 
