@@ -176,7 +176,7 @@ def test_rlpips_suite_metric_scores_reconstructions_where_psnr_is(tmp_path, ours
     assert "rlpips" in metrics_for(video=False, opt_in=True) and "rlpips" not in metrics_for(video=False)
     (tmp_path / "s.yaml").write_text(RLPIPS_SUITE)
     sweep = Sweep(load_suite(tmp_path / "s.yaml"), tmp_path / "run", progress=False)
-    plan = SimpleNamespace(name="ul", kind="ul", preset="ul-tiny", sampler={}, train_flops=lambda r: 0,
+    plan = SimpleNamespace(name="ul", kind="ul", preset="ul-tiny", sampler={}, official=None, train_flops=lambda r: 0,
                            steps=lambda r: 0)
     rows = {r["metric"]: r for r in sweep.evaluate_reconstructions(plan, _NoisyAutoencoder())}
     assert set(rows) == {"psnr", "rlpips"}

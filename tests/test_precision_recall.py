@@ -98,7 +98,8 @@ def test_sweep_rows_come_from_the_fid_features(tmp_path):
 
     class Features(ImageEvaluator):  # the evaluator's own statistics -> metric stages on hand-made features
         def __init__(self):
-            self.resize = "legacy"
+            self.resize, self.metric = "legacy", "fid"
+            self._protocol = {"extractor": "test", "resize": "legacy"}
 
         def set_stats(self, spec, keep_features=False, limit=None):
             name = spec if isinstance(spec, str) else "samples"  # the samples come as an array of images
@@ -114,7 +115,7 @@ def test_sweep_rows_come_from_the_fid_features(tmp_path):
                            generate=lambda *a: np.zeros((30, 8, 8, 3), np.uint8), reference=lambda: "reference",
                            fingerprint=lambda fp, n=None: fp,
                            row=lambda *a, **kw: dict(zip(("metric", "value"), a[3:5])))
-    rows = Sweep.evaluate_samples(fake, SimpleNamespace(name="m", guidance=[1.0]), None, 0)
+    rows = Sweep.evaluate_samples(fake, SimpleNamespace(name="m", guidance=[1.0], official=None), None, 0)
     expected = precision_recall(feats["samples"], feats["reference"], device="cpu")
     assert kept == {"samples": True, "reference": True}
     assert [r["metric"] for r in rows] == ["fid", "precision", "recall"]
