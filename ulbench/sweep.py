@@ -143,7 +143,8 @@ class Sweep:
             from ulbench.metrics.fid import ImageEvaluator
 
             ev = self.suite.evaluation
-            self._evaluator = ImageEvaluator(resize=ev.resize, batch_size=ev.batch_size, progress=self.progress)
+            self._evaluator = ImageEvaluator(resize=ev.resize, batch_size=ev.batch_size, progress=self.progress,
+                                             device=self.device)
         return self._evaluator
 
     @property
@@ -154,7 +155,8 @@ class Sweep:
 
             ev = self.suite.evaluation
             self._dinov2_evaluator = ImageEvaluator(resize=ev.resize, batch_size=ev.batch_size, progress=self.progress,
-                                                    features="dinov2", dinov2_weights=ev.dinov2_weights)
+                                                    features="dinov2", dinov2_weights=ev.dinov2_weights,
+                                                    device=self.device)
         return self._dinov2_evaluator
 
     def reference(self) -> str:

@@ -107,7 +107,7 @@ class ClipEvaluation:
         if self._i3d is None:
             from ulbench.metrics.fvd import VideoEvaluator
 
-            self._i3d = VideoEvaluator(batch_size=8, progress=self.sweep.progress)
+            self._i3d = VideoEvaluator(batch_size=8, progress=self.sweep.progress, device=self.sweep.device)
         return self._i3d
 
     def reference_name(self, n: int) -> str:

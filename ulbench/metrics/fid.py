@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ulbench import assets, dist
 from ulbench.errors import UserError
 from ulbench.io import atomic_write
+from ulbench.metrics.device import eval_device, exact_float32
 from ulbench.metrics.images import ImageSource, check_limit, prepare_batch, resolve_source
 from ulbench.metrics.inception import EXTRACTOR_NAME, FEATURE_DIM, InceptionFeatures
 from ulbench.metrics.precision_recall import PR_K, check_k, precision_recall
@@ -67,7 +68,9 @@ class ImageEvaluator:
 
     def __init__(self, inception_weights: str | os.PathLike | None = None, resize: str = "legacy",
                  batch_size: int = 50, progress: bool = True, use_cache: bool = True, fast: bool = True,
-                 features: str = "inception", dinov2_weights: str | os.PathLike | None = None):
+                 features: str = "inception", dinov2_weights: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None):
+        self.device = eval_device(device)  # named before any network loads
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         if features not in FEATURES:
@@ -83,13 +86,14 @@ class ImageEvaluator:
             path = dinov2.resolve_weights(dinov2_weights)  # a missing file is named before anything loads
             self._prepare = dinov2.prepare_dinov2_batch
             self._prepare([np.zeros((2, 2, 3), np.uint8)], resize)  # validate the mode before any long work
-            self.net = dinov2.DINOv2Features(path)
+            self.net = dinov2.DINOv2Features(path).to(self.device)
             self.metric, self.feature_dim = "fd_dinov2", self.net.feature_dim
             self._protocol = {"extractor": dinov2.extractor_id(self.net.shape), "weights_sha256": assets.sha256_file(
                 path), "resize": resize, "preprocess": dinov2.RESIZE_IMPL[resize] + ", ImageNet mean/std"}
             return
         self._prepare = prepare_batch
-        self.net = InceptionFeatures(assets.converted_path(assets.INCEPTION, inception_weights), fast=fast)
+        self.net = InceptionFeatures(assets.converted_path(assets.INCEPTION, inception_weights),
+                                     fast=fast).to(self.device)
         prepare_batch([np.zeros((2, 2, 3), np.uint8)], resize)  # validate the mode before any long work
         self.metric, self.feature_dim = "fid", FEATURE_DIM
         self._protocol = {"extractor": EXTRACTOR_ID, "weights_sha256": assets.INCEPTION.sha256, "resize": resize}
@@ -112,7 +116,8 @@ class ImageEvaluator:
         bar = tqdm(total=total, unit="img", desc=f"{self.features_name} {Path(source.name).name}",
                    disable=not self.progress or rank != 0, leave=False)
         for batch in (source.batches(self.batch_size, start, stop) if stop != start else []):
-            stats.update(self.net(self._prepare(batch, self.resize)))
+            with exact_float32():
+                stats.update(self.net(self._prepare(batch, self.resize).to(self.device)).float().cpu())
             bar.update(len(batch))
         bar.close()
         stats.reduce()

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ulbench import assets
 from ulbench.errors import UserError
+from ulbench.metrics.device import eval_device, exact_float32
 from ulbench.metrics.i3d import MIN_FRAMES, NUM_CLASSES, load_i3d, preprocess_clips
 from ulbench.metrics.stats import FeatureStats, Moments, frechet_distance, is_stats_file
 from ulbench.metrics.video import ClipSet, StreamedClips, index_video_clips, load_clip_array
@@ -65,7 +66,8 @@ def _feature_batches(model: torch.nn.Module, clips: Clips, batch_size: int, prog
             batch = [preprocess_clips(torch.as_tensor(np.array(c) if isinstance(c, np.ndarray) else c)[None])
                      for c in seq[lo:lo + batch_size]]
             x = torch.cat(batch).to(device)  # (B, 3, T, 224, 224) in [-1, 1]
-            logits = model(x)  # (B, 400)
+            with exact_float32():
+                logits = model(x)  # (B, 400)
             bar.update(x.shape[0])
             yield logits.float().cpu()
     bar.close()
@@ -103,13 +105,15 @@ class VideoEvaluator:
     Clips are streamed: videos decoded per I3D batch, stored .npz clip arrays memory-mapped."""
 
     def __init__(self, i3d_weights=None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
-                 frames: int = 16, stride: int = 1, start: int = 0, clips_per_video: int = 1):
+                 frames: int = 16, stride: int = 1, start: int = 0, clips_per_video: int = 1,
+                 device: str | torch.device | None = None):
         # Checked before the network loads; the sampling again where it is used (index_video_clips).
+        device = eval_device(device)
         check_clip_frames(frames, f"frames={frames}")
         if batch_size < 1 or stride < 1 or start < 0 or clips_per_video < 1:
             raise UserError(f"batch_size={batch_size}, stride={stride}, start={start}, clips_per_video="
                             f"{clips_per_video}: batch size, stride and clips per video must be >= 1, start >= 0")
-        self.model = load_i3d(assets.converted_path(assets.I3D, i3d_weights))
+        self.model = load_i3d(assets.converted_path(assets.I3D, i3d_weights)).to(device)
         self.batch_size, self.progress = batch_size, progress
         self.sampling = {"frames": frames, "stride": stride, "start": start, "clips_per_video": clips_per_video}
 

@@ -194,9 +194,12 @@ def lpips_per_image(a: np.ndarray, b: np.ndarray, model: LPIPS, batch_size: int 
     """(N, H, W, C) uint8 pairs -> (N,) LPIPS distances (float64), on the model's device."""
     if a.shape != b.shape:
         raise UserError(f"LPIPS: inputs differ in shape: {a.shape} vs {b.shape}")
+    from ulbench.metrics.device import exact_float32
+
     device = model.shift.device
-    out = [model(to_unit_range(a[i:i + batch_size]).to(device), to_unit_range(b[i:i + batch_size]).to(device))
-           for i in range(0, len(a), batch_size)]
+    with exact_float32():
+        out = [model(to_unit_range(a[i:i + batch_size]).to(device), to_unit_range(b[i:i + batch_size]).to(device))
+               for i in range(0, len(a), batch_size)]
     return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
 
 
@@ -205,12 +208,15 @@ def summarize(values: np.ndarray) -> dict:
 
 
 def lpips_paired(spec_a: str | os.PathLike, spec_b: str | os.PathLike, net: str = "vgg",
-                 weights: str | os.PathLike | None = None, batch_size: int = 16) -> dict:
+                 weights: str | os.PathLike | None = None, batch_size: int = 16,
+                 device: str | torch.device | None = None) -> dict:
     """LPIPS between two paired image sets: folders paired by file name, or .npz arrays by index, as PSNR pairs them
     (``metrics.psnr.paired_images``); consecutive pairs of one size are batched."""
+    from ulbench.metrics.device import eval_device
     from ulbench.metrics.psnr import paired_images
 
-    model = load_lpips(net, weights)
+    device = eval_device(device)
+    model = load_lpips(net, weights).to(device)
     values: list[np.ndarray] = []
     group_a: list[np.ndarray] = []
     group_b: list[np.ndarray] = []
