@@ -24,7 +24,7 @@ POS_EMBED_ATOL = 1e-4  # the file's table (float32 of a float64 computation) aga
 @dataclass(frozen=True)
 class Release:
     """A released checkpoint's training, as published: the point is drawn at train_steps x batch_size x our
-    measured training FLOPs per image of the same network (ulbench.plan)."""
+    measured training FLOPs per image of the same network (ulbench.run.plan)."""
 
     preset: str
     image_resolution: int

@@ -102,7 +102,7 @@ def run_one(name: str, mutation: Mutation | None, suite: str, baseline: str, wor
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     methods = None if mutation is None else mutation.methods
     # `ulbench run SUITE`, restricted to ``methods`` (the launchers' own entry points: create_run, resume_run)
-    script = ("import sys; from pathlib import Path; from ulbench.sweep import create_run, resume_run; "
+    script = ("import sys; from pathlib import Path; from ulbench.run.directory import create_run, resume_run; "
               "resume_run(create_run(sys.argv[1], [], Path('runs'), sys.argv[2]), progress=False, "
               "methods=None if sys.argv[3] == '-' else sys.argv[3].split(','))")
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def _row(name: str, mutation: Mutation | None, wall: float) -> dict:
 
 
 def check_one(name: str, mutation: Mutation | None, root: Path, run_dir: Path, baseline: str, wall: float) -> dict:
-    from ulbench.check import compare  # this checkout's (no mutation touches the check)
+    from ulbench.report.check import compare  # this checkout's (no mutation touches the check)
 
     methods = None if mutation is None else mutation.methods
     row = _row(name, mutation, wall)

@@ -133,7 +133,7 @@ def clean_run(micro, tmp_path_factory) -> Path:
     training steps, FID at 1e-4."""
     import torch
 
-    from ulbench.sweep import start_run
+    from ulbench.run.directory import start_run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -13,7 +13,7 @@ from ulbench.data import MemoryDataset
 from ulbench.flops import method_flops
 from ulbench.methods import KINDS, kind_of_preset
 from ulbench.methods.base import TrainData
-from ulbench.sweep import start_run
+from ulbench.run.directory import start_run
 
 SUITE = """
 version: 1
@@ -139,8 +139,9 @@ def test_edm2_standardizes_a_pretrained_vae_as_edm2_measured_it(tmp_path, one_th
 def test_a_missing_vae_folder_is_reported_before_anything_trains(tmp_path):
     from ulbench.errors import UserError
 
-    suite = SUITE.replace("{name: sd-dit, kind: dit, preset: dit-tiny,",
-                          "{name: sd-dit, kind: dit, preset: dit-tiny, overrides: {vae: {pretrained: /no/such/vae}},")
+    suite = SUITE.replace("{name: sd-dit, kind: dit, preset: dit-tiny, overrides: {vae: {perceptual_weight: 0, ",
+                          "{name: sd-dit, kind: dit, preset: dit-tiny, overrides: {vae: {pretrained: /no/such/vae, "
+                          "perceptual_weight: 0, ")
     (tmp_path / "s.yaml").write_text(suite)
     with pytest.raises(UserError, match=r"s\.yaml: methods\[1\] \(sd-dit\): VAE folder /no/such/vae"):
         start_run(str(tmp_path / "s.yaml"), [], tmp_path / "runs", "r", progress=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from conftest import run_cli
 
-from ulbench.check import compare, write_baseline
+from ulbench.report.check import compare, write_baseline
 
 
 def _run(root: Path, name: str, fid: float, psnr: float, fid_b1: float = 90.0) -> Path:

@@ -303,7 +303,7 @@ def test_sweep_rows(tmp_path, small_file, monkeypatch):
     from types import SimpleNamespace
 
     from ulbench.suite import load_suite
-    from ulbench.sweep import Sweep
+    from ulbench.run.sweep import Sweep
 
     monkeypatch.setenv("ULBENCH_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "s.yaml"

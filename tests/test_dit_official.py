@@ -154,9 +154,9 @@ evaluation: {{metrics: [kid], num_samples: 8, kid_subset_size: 8, batch_size: 8,
 def test_a_released_checkpoint_is_evaluated_untrained_at_its_training_flops(tiny_file, tmp_path, one_thread):
     from diffusers import AutoencoderKL
 
-    from ulbench.plan import format_plan
+    from ulbench.run.plan import format_plan
     from ulbench.report import write_report
-    from ulbench.sweep import load_run_plans, start_run
+    from ulbench.run.directory import load_run_plans, start_run
 
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

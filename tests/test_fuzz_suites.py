@@ -24,7 +24,7 @@ from ul_model.train import TrainConfig
 from ulbench.errors import UserError
 from ulbench.methods import KINDS
 from ulbench.suite import MAX_SHOWN, TOP_KEYS, load_suite
-from ulbench.suite_schema import DATASET_DEFAULTS, EVAL_DEFAULTS, SAMPLER_DEFAULTS
+from ulbench.suite.schema import DATASET_DEFAULTS, EVAL_DEFAULTS, SAMPLER_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted(p.name for p in (REPO / "suites").glob("*.yaml") if not p.name.startswith("_"))

@@ -112,3 +112,37 @@ def test_perceptual_term_is_lpips_per_value_of_the_summed_objective(images, lpip
     want_lpips = lpips(images, x_hat)
     torch.testing.assert_close(got["lpips"], want_lpips.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["loss"], base["loss"] + 0.5 * want_lpips, rtol=1e-5, atol=1e-6)
+
+
+def test_fashion_mnist_suite_sd_dit_trains_the_ldm_recipe_and_reports_rlpips_and_psnr(tmp_path):
+    """The fashion-mnist suite's sd-dit method as the file writes it (LDM recipe, no clipping, GAN from
+    vae.disc_start) through the sweep, shrunk: bundled photo crops instead of the Debian package, batch 8, a stage-1
+    budget of 8 steps with the GAN switched on at step 4; then its reconstructions scored (rLPIPS, PSNR)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from ulbench.flops import method_flops
+    from ulbench.run.directory import start_run
+
+    suite = yaml.safe_load((Path(__file__).parents[1] / "suites" / "fashion-mnist.yaml").read_text())
+    (method,) = [m for m in suite["methods"] if m["name"] == "sd-dit"]
+    assert method["overrides"]["vae"].get("perceptual_weight", 1.0) > 0  # the suite trains LDM's recipe
+    method["overrides"]["vae"]["disc_start"] = 4
+    method["train"]["stage1"].update(batch_size=8, warmup_steps=2, checkpoint_every=0, log_every=1)
+    per_image = method_flops("dit-tiny", resolution=32, overrides=method["overrides"])["stage1"]["train_flops_per_image"]
+    suite.update(include=None, methods=[method], dataset={"name": "photos", "resolution": 32, "subset": 64},
+                 compute={"ladder": [1.0e10], "stage1": {"train_flops": 8.5 * 8 * per_image}},
+                 evaluation={"metrics": ["psnr", "rlpips"], "num_reconstructions": 8, "batch_size": 8})
+    suite.pop("include")
+    (tmp_path / "fm.yaml").write_text(yaml.safe_dump(suite))
+    run = start_run(str(tmp_path / "fm.yaml"), [], tmp_path / "runs", "t", progress=False)
+
+    log = [json.loads(line) for line in (run / "methods/sd-dit/stage1/metrics.jsonl").read_text().splitlines()]
+    steps = json.loads((run / "config.json").read_text())["methods"]["sd-dit"]["stage1_steps"]
+    assert 8 <= steps <= 9 and log[-1]["step"] == steps and all(math.isfinite(r["loss"]) for r in log)
+    assert all(r["d_weight"] == 0 for r in log if r["step"] <= 4) and any(r["d_weight"] > 0 for r in log[4:])
+    rows = {r["metric"]: r for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"psnr", "rlpips"} and rows["rlpips"]["point"] == rows["psnr"]["point"] == "stage1"
+    assert 0 < rows["rlpips"]["value"] < 1 and 5 < rows["psnr"]["value"] < 40 and rows["rlpips"]["n"] == 8

@@ -170,7 +170,7 @@ def test_rlpips_suite_metric_scores_reconstructions_where_psnr_is(tmp_path, ours
 
     from ulbench.metrics.registry import METRICS, metrics_for
     from ulbench.suite import load_suite
-    from ulbench.sweep import Sweep
+    from ulbench.run.sweep import Sweep
 
     assert METRICS["rlpips"].higher_is_better is False and METRICS["rlpips"].needs == "reconstructions"
     assert "rlpips" in metrics_for(video=False, opt_in=True) and "rlpips" not in metrics_for(video=False)
@@ -193,7 +193,7 @@ def test_rlpips_suite_metric_scores_reconstructions_where_psnr_is(tmp_path, ours
 
 def test_rlpips_on_images_too_small_for_vgg_is_a_located_suite_error(tmp_path):
     from ulbench.suite import load_suite
-    from ulbench.suite_schema import SuiteError
+    from ulbench.suite.schema import SuiteError
 
     (tmp_path / "s.yaml").write_text(RLPIPS_SUITE.replace("resolution: 32", "resolution: 8"))
     with pytest.raises(SuiteError, match=r"evaluation.metrics\[1\].*at least 16x16"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ulbench.cli import main
-from ulbench.plan import format_plan, make_plan
-from ulbench.plan_gpu import (DEFAULT_MFU, Extractor, format_gpu_plan, gpu_options, inception_flops, load_gpus,
+from ulbench.run.plan import format_plan, make_plan
+from ulbench.run.plan_gpu import (DEFAULT_MFU, Extractor, format_gpu_plan, gpu_options, inception_flops, load_gpus,
                               method_hours)
 from ulbench.suite import load_suite
 

@@ -65,7 +65,7 @@ def test_bad_input_is_named(k, gen, ref, needle):
 def test_suite_metrics_precision_recall(tmp_path):
     from ulbench.metrics.stats import Moments
     from ulbench.suite import load_suite
-    from ulbench.suite_schema import SuiteError
+    from ulbench.suite.schema import SuiteError
 
     Moments(np.zeros(4), np.eye(4), 10).save_npz(tmp_path / "stats.npz")
     path = tmp_path / "s.yaml"
@@ -90,7 +90,7 @@ def test_sweep_rows_come_from_the_fid_features(tmp_path):
     from ulbench.metrics.fid import ImageEvaluator, SetStats
     from ulbench.metrics.stats import FeatureStats
     from ulbench.suite import load_suite
-    from ulbench.sweep import Sweep
+    from ulbench.run.sweep import Sweep
 
     g = torch.Generator().manual_seed(3)
     feats = {"samples": torch.randn(30, 4, generator=g) * 0.6 + 0.8, "reference": torch.randn(20, 4, generator=g)}

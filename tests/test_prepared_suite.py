@@ -12,7 +12,7 @@ import pytest
 
 from ulbench.data.builtin import write_photo_tree
 from ulbench.data.prepared import PreparedDataset, prepare
-from ulbench.sweep import start_run
+from ulbench.run.directory import start_run
 
 SUITE = Path(__file__).parents[1] / "suites" / "photos-prepared.yaml"
 

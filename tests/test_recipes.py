@@ -140,7 +140,7 @@ def test_every_plan_records_its_full_recipe_and_the_published_one(tmp_path):
     recipe), the sampler and guidance; the report's recipes table marks where they differ from the published."""
     from ulbench.report import recipes_table
     from ulbench.suite import load_suite
-    from ulbench.sweep import create_run
+    from ulbench.run.directory import create_run
 
     run = create_run(FASHION, ["dataset.name=photos", "dataset.class_conditional=false", "evaluation.guidance=[1.0]",
                                "evaluation.metrics=[fid]"], tmp_path, "r")
@@ -186,7 +186,7 @@ evaluation: {guidance: [1.0, 2.0]}
 ])
 def test_validate_refuses_guidance_of_a_never_trained_unconditional_branch(tmp_path, kind, preset, overrides, error):
     from ulbench.suite import load_suite
-    from ulbench.suite_schema import SuiteError
+    from ulbench.suite.schema import SuiteError
 
     path = tmp_path / "s.yaml"
     path.write_text(GUIDED % ("true", kind, preset, overrides))
@@ -200,7 +200,7 @@ def test_validate_refuses_guidance_of_a_never_trained_unconditional_branch(tmp_p
 
 def test_validate_refuses_guidance_without_labels(tmp_path):
     from ulbench.suite import load_suite
-    from ulbench.suite_schema import SuiteError
+    from ulbench.suite.schema import SuiteError
 
     path = tmp_path / "s.yaml"
     path.write_text(GUIDED % ("false", "ul", "ul-tiny", ""))
@@ -210,7 +210,7 @@ def test_validate_refuses_guidance_without_labels(tmp_path):
 
 def test_method_sampler_keys_are_the_kinds(tmp_path):
     from ulbench.suite import load_suite
-    from ulbench.suite_schema import SuiteError
+    from ulbench.suite.schema import SuiteError
 
     path = tmp_path / "s.yaml"
     path.write_text(GUIDED % ("true", "dit", "dit-tiny", ", sampler: {steps: 20}"))
@@ -237,7 +237,7 @@ def test_the_sampler_is_part_of_a_results_protocol_identity():
 
 def test_class_acc_needs_labels_and_a_labelled_reference(tmp_path):
     from ulbench.suite import load_suite
-    from ulbench.suite_schema import SuiteError
+    from ulbench.suite.schema import SuiteError
 
     path = tmp_path / "s.yaml"
     text = ("version: 1\ndataset: {name: photos, resolution: 32, class_conditional: %s}\n"

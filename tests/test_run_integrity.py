@@ -65,8 +65,8 @@ elif point == "evaluate":  # the first Inception pass over generated samples (ru
         die()
     ImageEvaluator.set_stats = killing_set_stats
 elif point.startswith("results:"):  # inside the atomic write of results.jsonl for the n-th point, before its rename
-    import ulbench.sweep as sweep
-    atomic_write, calls = sweep.atomic_write, []
+    import ulbench.run.results as results
+    atomic_write, calls = results.atomic_write, []
     @contextlib.contextmanager
     def killing_atomic_write(path, *args, **kwargs):
         with atomic_write(path, *args, **kwargs) as f:
@@ -76,7 +76,7 @@ elif point.startswith("results:"):  # inside the atomic write of results.jsonl f
                 if len(calls) == int(point.split(":")[1]):
                     f.flush()
                     die()
-    sweep.atomic_write = killing_atomic_write
+    results.atomic_write = killing_atomic_write
 from ulbench.cli import main
 sys.exit(main(sys.argv[1:]))
 """

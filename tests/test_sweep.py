@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from ulbench.check import compare, write_baseline
-from ulbench.sweep import start_run
+from ulbench.report.check import compare, write_baseline
+from ulbench.run.directory import start_run
 
 SUITES = Path(__file__).parents[1] / "suites"
 
@@ -134,7 +134,7 @@ def test_resume_from_another_directory_reads_the_same_files(tmp_path, monkeypatc
     """`ulbench run` read dataset.path relative to its working directory; a resume (or a SLURM job) started
     elsewhere reads the same folder: the run's suite stores it absolute."""
     from ulbench.data import load_suite_dataset
-    from ulbench.sweep import create_run, load_run_plans
+    from ulbench.run.directory import create_run, load_run_plans
 
     start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
     start.mkdir(), elsewhere.mkdir()
@@ -158,7 +158,7 @@ def test_resume_runs_the_suite_copy_it_started_with(tmp_path, monkeypatch, caplo
     import logging
 
     from ulbench.errors import UserError
-    from ulbench.sweep import create_run, load_run_plans
+    from ulbench.run.directory import create_run, load_run_plans
 
     monkeypatch.chdir(tmp_path)
     suite_file = _folder_suite(tmp_path)
@@ -168,7 +168,7 @@ def test_resume_runs_the_suite_copy_it_started_with(tmp_path, monkeypatch, caplo
     assert config["suite_sha256"] == hashlib.sha256(original).hexdigest()
     assert config["resolved"]["evaluation"]["num_samples"] == 40
     suite_file.write_text(original.decode().replace("num_samples: 48", "num_samples: 24"))
-    with caplog.at_level(logging.WARNING, logger="ulbench.sweep"):
+    with caplog.at_level(logging.WARNING, logger="ulbench.run"):
         suite, plans, _ = load_run_plans(run)
     assert suite.evaluation.num_samples == 40 and suite.to_dict() == config["resolved"]
     new_hash = hashlib.sha256(suite_file.read_bytes()).hexdigest()
@@ -187,7 +187,7 @@ def test_resume_runs_the_suite_copy_it_started_with(tmp_path, monkeypatch, caplo
 @pytest.mark.parametrize("name", ["", " ", "../x", "a/b", "..", ".", "a\\b"])
 def test_run_name_is_one_folder_name(name, micro, tmp_path):
     from ulbench.errors import UserError
-    from ulbench.sweep import create_run
+    from ulbench.run.directory import create_run
 
     with pytest.raises(UserError, match="a run name is one folder name"):
         create_run(str(micro), [], tmp_path / "runs", name)

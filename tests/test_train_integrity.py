@@ -235,7 +235,7 @@ def test_pruning_never_deletes_the_latest_nor_checkpoints_past_it(tmp_path):
 
 
 def test_suites_accept_keep_checkpoints_and_the_sweep_keeps_rung_ends(tmp_path, monkeypatch):
-    from ulbench import sweep
+    from ulbench.run import sweep
     from ulbench.methods.base import stage_train_config
     from ulbench.suite import load_suite
 
@@ -254,7 +254,7 @@ def test_suites_accept_keep_checkpoints_and_the_sweep_keeps_rung_ends(tmp_path, 
             return SimpleNamespace(train=lambda stage, steps, resume: None)
 
     monkeypatch.setattr(sweep, "get_kind", lambda name: Kind())
-    plan = SimpleNamespace(kind="ul", name="ul", config=None, stage1_steps=7, final_stage="stage2",
+    plan = SimpleNamespace(kind="ul", name="ul", config=None, stage1_steps=7, final_stage="stage2", official=None,
                            rung_steps=[10, 20, 40], train={"stage1": {"keep_checkpoints": 2, "keep_steps": []},
                                                            "stage2": {"keep_checkpoints": 3, "keep_steps": [15]}})
     runs = sweep.Sweep.__new__(sweep.Sweep)  # what run_method reads of a Sweep, without loading the dataset
@@ -355,3 +355,18 @@ def test_the_cli_reports_divergence_in_one_paragraph_with_exit_1(monkeypatch, ca
     assert cli.main(["eval", "psnr", "a", "b"]) == 1
     err = capsys.readouterr().err
     assert "step 7: non-finite loss" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_the_results_store_refuses_a_non_finite_row_and_keeps_the_others(tmp_path, bad):
+    from ulbench.run.results import ResultsStore
+
+    store = ResultsStore(tmp_path / "results.jsonl")
+    good = {"method": "ul", "point": "b0", "metric": "fid10", "value": 12.5}
+    store.add([good])
+    before = (tmp_path / "results.jsonl").read_bytes()
+    rows = [{**good, "point": "b1"}, {**good, "point": "b1", "metric": "kid10", "value": bad}]
+    with pytest.raises(FloatingPointError, match=r"ul b1 kid10 = (nan|inf)"):
+        store.add(rows)
+    assert (tmp_path / "results.jsonl").read_bytes() == before  # the point's rows are stored together or not at all
+    assert not ResultsStore(tmp_path / "results.jsonl").done("ul", "b1")  # --resume evaluates it again

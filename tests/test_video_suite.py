@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from ulbench.errors import UserError
 from ulbench.suite import SuiteError, load_suite
-from ulbench.video_eval import PSNR_CAP_DB, evaluation_indices, psnr_per_frame
+from ulbench.run.video_eval import PSNR_CAP_DB, evaluation_indices, psnr_per_frame
 
 SUITES = Path(__file__).resolve().parent.parent / "suites"
 # The video-smoke suite shrunk to a test: 8 clips, a few training steps, 4 sampling steps.
@@ -126,7 +126,7 @@ def test_train_stage1_and_stage2_cli_on_clips(tmp_path):
 
 @pytest.fixture(scope="module")
 def video_run(tmp_path_factory):
-    from ulbench.sweep import start_run
+    from ulbench.run.directory import start_run
 
     runs = tmp_path_factory.mktemp("video-runs")
     run = start_run(str(SUITES / "video-smoke.yaml"), MICRO_SETS, runs, "micro", progress=False)
@@ -170,9 +170,9 @@ def test_video_sweep_rows_controls_and_given_frames(video_run):
 
 @pytest.mark.xdist_group("video-run")
 def test_video_sweep_resumes_reports_and_checks(video_run, tmp_path):
-    from ulbench.check import write_baseline
+    from ulbench.report.check import write_baseline
     from ulbench.report import write_report
-    from ulbench.sweep import resume_run
+    from ulbench.run.directory import resume_run
 
     before = (video_run / "results.jsonl").read_bytes()
     resume_run(video_run, progress=False)  # every point stored: nothing is recomputed
@@ -197,7 +197,7 @@ def test_video_sweep_resumes_reports_and_checks(video_run, tmp_path):
 
 
 def test_too_many_evaluation_clips_is_a_clear_error(tmp_path):
-    from ulbench.sweep import start_run
+    from ulbench.run.directory import start_run
 
     with pytest.raises(UserError, match="num_samples: 500 clips asked for"):
         start_run(str(SUITES / "video-smoke.yaml"), [*MICRO_SETS, "evaluation.num_samples=500"], tmp_path, "x",

@@ -26,7 +26,7 @@ def cmd_run(args) -> int:
     import os
 
     from ul_model.train import DIST_TIMEOUT_ENV
-    from ulbench.sweep import create_run, load_run_plans, resume_run
+    from ulbench.run.directory import create_run, load_run_plans, resume_run
 
     if args.dist_timeout is not None:
         if args.dist_timeout <= 0:
@@ -61,7 +61,7 @@ def cmd_run(args) -> int:
 def _run_slurm(args, run_dir: Path) -> int:
     import json
 
-    from ulbench.launch import SlurmOptions, format_status, run_status, submit_slurm, wait_for_jobs
+    from ulbench.run.launch import SlurmOptions, format_status, run_status, submit_slurm, wait_for_jobs
 
     opts = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                         tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, time_min=args.time,
@@ -79,7 +79,7 @@ def _run_slurm(args, run_dir: Path) -> int:
 
 
 def cmd_status(args) -> None:
-    from ulbench.launch import format_status, run_status
+    from ulbench.run.launch import format_status, run_status
 
     rows, states = run_status(args.run)
     if args.json:
@@ -91,8 +91,8 @@ def cmd_status(args) -> None:
 
 
 def _dry_run(args) -> None:
-    from ulbench.plan import estimate_times, format_plan, make_plan, resolve_device
-    from ulbench.plan_gpu import format_gpu_plan, gpu_options
+    from ulbench.run.plan import estimate_times, format_plan, make_plan, resolve_device
+    from ulbench.run.plan_gpu import format_gpu_plan, gpu_options
     from ulbench.suite import load_suite
 
     gpu = gpu_options(args.gpu, args.gpus, args.mfu)  # checked before anything is counted
@@ -112,7 +112,7 @@ def _dry_run(args) -> None:
 
 
 def cmd_check(args) -> int:
-    from ulbench.check import compare, format_comparison
+    from ulbench.report.check import compare, format_comparison
 
     passed, entries = compare(args.run, args.baseline)
     print(format_comparison(entries))
@@ -121,7 +121,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_baseline(args) -> None:
-    from ulbench.check import SPREAD_FACTOR, write_baseline
+    from ulbench.report.check import SPREAD_FACTOR, write_baseline
 
     factor = SPREAD_FACTOR if args.factor is None else args.factor
     b = write_baseline(args.run, args.output, spread=args.spread, factor=factor)
@@ -199,7 +199,7 @@ def register(sub, lsub) -> None:
                    help="runs of the same suite under other seeds: each metric's tolerance is --factor x its largest "
                         "deviation from RUN among them")
     p.add_argument("--factor", type=float, default=None,
-                   help="multiple of the measured spread (default: ulbench.check.SPREAD_FACTOR, 3)")
+                   help="multiple of the measured spread (default: ulbench.report.check.SPREAD_FACTOR, 3)")
     p.set_defaults(func=cmd_baseline)
     p = lsub.add_parser("suites", help="suite files in a folder", description="List suite files with descriptions.",
                         epilog="examples:\n  ulbench ls suites\n  ulbench ls suites --dir my_suites/",

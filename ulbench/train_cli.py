@@ -66,7 +66,7 @@ def _recorded_dataset(run: str, meta: dict, cfg):
     from types import SimpleNamespace
 
     from ulbench.data import load_dataset, load_suite_dataset
-    from ulbench.suite_schema import DatasetSpec
+    from ulbench.suite.schema import DatasetSpec
 
     where = Path(run) / "config.json"
     data = meta.get("data") or {}

@@ -44,7 +44,7 @@ def load_clip_dataset(spec: str, resolution: int, frames: int, kinetics: tuple[s
     `ulbench data prepare-clips`, an ``.npz`` of uint8 clips, a folder of videos (every window), or with
     ``kinetics`` = (annotation CSV, split) the folder of those Kinetics clips."""
     from ulbench.data.prepared_video import is_prepared_clips
-    from ulbench.suite_schema import DatasetSpec
+    from ulbench.suite.schema import DatasetSpec
 
     if not spec:
         raise UserError("--data: empty; give clips, a folder from `ulbench data prepare-clips`, an .npz of clips or "

@@ -18,7 +18,7 @@ import yaml
 from ulbench.errors import UserError
 from ulbench.methods import get_kind
 from ulbench.metrics.registry import needing
-from ulbench.plan import FLOP_COUNT_BATCH, OFFICIAL_POINT, MethodPlan
+from ulbench.run.plan import FLOP_COUNT_BATCH, OFFICIAL_POINT, MethodPlan
 
 # An assumption, not a measurement: override it with what your own runs achieve, MFU = the plan's training FLOPs per
 # step x steps per second (a short run's logs) / (GPUs x peak). Sampling at small batches often achieves less.

@@ -3,7 +3,7 @@
 Loading: each file is read with a safe loader (``yaml.safe_load``, plus: a key given twice is an error); the files
 it ``include:``s come first (in order, recursively, paths relative to the including file), then the file itself on
 top: mappings merge key by key, lists and scalars replace. Then ``--set dotted.key=value`` (value read as YAML, list
-items by index: ``methods.0.preset``). Then every key is checked by its section's ``read_*`` in ``suite_schema``;
+items by index: ``methods.0.preset``). Then every key is checked by its section's ``read_*`` in ``ulbench.suite.schema``;
 an error names the file that set the key, the key path and what is allowed. Nothing here looks at the disk beyond
 the suite files: ``check_paths`` (called by ``ulbench run``) checks the dataset folder and the reference.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ulbench.metrics.registry import METRICS, MetricInfo
-from ulbench.suite_schema import (
+from ulbench.suite.schema import (
     MAX_SHOWN,
     Checker,
     ComputeSpec,
@@ -360,7 +360,7 @@ def _read_suite(ck: Checker, data: dict) -> Suite:
 
 def check_paths(suite: Suite) -> None:
     """The dataset folder and a reference path exist here (``ulbench run`` checks this before training)."""
-    from ulbench.suite_schema import PATH_WANTS
+    from ulbench.suite.schema import PATH_WANTS
 
     d, e = suite.dataset, suite.evaluation.dataset
     checks = [("dataset.path", d.path, PATH_WANTS[d.name])] if d.path else []

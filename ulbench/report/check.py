@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ulbench.errors import UserError
 from ulbench.io import fingerprint_id, write_json
-from ulbench.sweep import ResultsStore
+from ulbench.run.results import ResultsStore
 
 # Allowed movement per metric: max(abs, rel * |baseline|). Sized for CPU float differences between machines on the
 # smoke suite's small N; a broken sampler or a wrong loss weight moves these by far more (tests/test_check.py).

@@ -1,5 +1,5 @@
 """Launchers: where a run directory's methods run. ``local`` runs them in this process group (one process, or
-``torchrun``'s); ``slurm`` submits one job per method through submitit. Both end in ``sweep.resume_run``.
+``torchrun``'s); ``slurm`` submits one job per method through submitit. Both end in ``ulbench.run.directory.resume_run``.
 
 SLURM layout in the run directory: ``slurm/jobs.json`` (method -> job id, log files, submission), and per method
 ``slurm/<method>/`` holding submitit's files (``<job>_submitted.pkl``, ``<job>_<task>_log.out|err``) and our
@@ -67,7 +67,7 @@ class MethodJob:
         if main:
             write_json(state, {"state": "running", "job_id": env.job_id, "host": socket.gethostname(),
                                "pid": os.getpid(), "since": _now()})
-        from ulbench.sweep import resume_run
+        from ulbench.run.directory import resume_run
 
         try:
             resume_run(self.run_dir, progress=main, methods=[self.method])
@@ -139,7 +139,7 @@ def _last_line(*paths: str) -> str:
 
 def method_states(run_dir: Path) -> dict[str, dict]:
     """Per method: state (done / running / queued / failed / not started) and the last log line."""
-    from ulbench.lock import RunLock
+    from ulbench.run.lock import RunLock
 
     jobs_file = run_dir / "slurm" / "jobs.json"
     jobs = json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}
@@ -170,7 +170,7 @@ def method_states(run_dir: Path) -> dict[str, dict]:
 
 def run_status(run_dir: str | Path) -> tuple[list[dict], dict[str, dict]]:
     """(rows per method and point, method states) for ``ulbench status``."""
-    from ulbench.sweep import ResultsStore
+    from ulbench.run.results import ResultsStore
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():

@@ -51,6 +51,7 @@ class ControlPlan:
     name: str
     kind: str = "control"
     preset: str | None = None
+    official: dict | None = None  # never a released checkpoint
 
     def train_flops(self, rung):
         return None
@@ -135,7 +136,7 @@ class ClipEvaluation:
         return clip_moments(self.i3d.model, clips, self.i3d.batch_size, self.sweep.progress)
 
     def fvd_fingerprint(self, n: int, what: str) -> dict:
-        from ulbench.sweep import stable_fingerprint
+        from ulbench.run.sweep import stable_fingerprint
 
         fp = {**self.i3d.protocol(), "metric": "fvd", "n": n, "clips": what, "context_frames": self.k,
               "skipped_videos": {r: len(v) for r, v in getattr(self.data, "skipped", {}).items() if v}}
