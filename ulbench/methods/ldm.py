@@ -60,6 +60,7 @@ class LDM:
     stages = ("stage1", "stage2")
     reconstructs = True
     sampler_keys = ("steps",)  # DiT's ancestral DDPM steps (respaced) or EDM2's Heun steps
+    path_overrides = ("checkpoint", "vae.pretrained")  # a released checkpoint; a diffusers VAE folder
 
     def __init__(self, name: str, family: str, default_vae: str, tiny_vae: str, latent_norm: str,
                  input_range: tuple[float, float] = (-1.0, 1.0)):

@@ -28,6 +28,7 @@ class UL:
     reconstructs = True
     # ul_model.sampling: ancestral | ddim, base-model and decoder steps, guidance only inside a log-SNR interval
     sampler_keys = ("method", "steps", "decoder_steps", "guidance_interval")
+    path_overrides = ()
 
     def presets(self) -> dict[str, Any]:
         from ul_model.config import PRESETS

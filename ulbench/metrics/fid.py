@@ -26,7 +26,7 @@ from ulbench.metrics.images import ImageSource, check_limit, prepare_batch, reso
 from ulbench.metrics.inception import EXTRACTOR_NAME, FEATURE_DIM, InceptionFeatures
 from ulbench.metrics.precision_recall import PR_K, check_k, precision_recall
 from ulbench.metrics.stats import (NPZ_READ_ERRORS, FeatureStats, Moments, bootstrap_frechet, frechet_distance,
-                                   is_stats_file)
+                                   is_reference_batch, is_stats_file)
 
 EXTRACTOR_ID = f"torch-fidelity/{EXTRACTOR_NAME}/pool3-{FEATURE_DIM}"
 KID_SUBSETS = 100  # torch-fidelity defaults
@@ -127,12 +127,18 @@ class ImageEvaluator:
 
     # images -> statistics, through the cache
     def set_stats(self, spec, keep_features: bool = False, limit: int | None = None) -> SetStats:
+        """Statistics of an input (and its per-image features when ``keep_features``). A statistics file gives its
+        own ``mu``/``sigma``; an ADM reference batch also has images (``arr_0``), whose features it then gives."""
         if is_stats_file(spec):
+            features = None
             if keep_features:
-                raise UserError(f"{spec}: a statistics file has no per-image features; KID, precision/recall and "
-                                "the bootstrap interval need images (a folder or an .npz of images) on this side.")
+                _check_has_images(spec, "KID, precision/recall and the bootstrap interval need")
+                features = self._image_stats(spec, True, limit).features
             moments = self._check_stats_file(spec, Moments.load_npz(spec))
-            return SetStats(moments, str(spec), None, stats_file_sha256=assets.sha256_file(Path(spec)))
+            return SetStats(moments, str(spec), None, features, stats_file_sha256=assets.sha256_file(Path(spec)))
+        return self._image_stats(spec, keep_features, limit)
+
+    def _image_stats(self, spec, keep_features: bool, limit: int | None) -> SetStats:
         source = resolve_source(spec, limit)
         cache = self._cache_path(source)
         hit = _read_cache(cache, keep_features, self.feature_dim) if cache is not None and cache.is_file() else None
@@ -178,6 +184,9 @@ class ImageEvaluator:
     def fid(self, spec_a, spec_b, bootstrap: int = 0, seed: int = 0, limit: int | None = None) -> dict:
         check_bootstrap(bootstrap)  # before any image is embedded
         check_limit(limit)
+        if bootstrap and is_stats_file(spec_a):  # its images are not the set its mu/sigma describe
+            raise UserError(f"{spec_a}: --bootstrap resamples the images of A; A is a statistics file. Give A as "
+                            "images (a folder, an .npz of images, or --generator)")
         a = self.set_stats(spec_a, keep_features=bootstrap > 0, limit=limit)
         b = self.set_stats(spec_b, limit=limit)
         return self.fid_from_stats(a, b, bootstrap, seed)
@@ -220,9 +229,7 @@ class ImageEvaluator:
         check_k(k)
         check_limit(limit)
         for spec in (spec_a, spec_b):  # before any image is embedded
-            if is_stats_file(spec):
-                raise UserError(f"{spec}: a statistics file (mu, sigma) has no per-image features; precision and "
-                                "recall need the images (a folder, an .npz of images (arr_0), or --generator)")
+            _check_has_images(spec, "precision and recall need")
         a = self.set_stats(spec_a, keep_features=True, limit=limit)
         b = self.set_stats(spec_b, keep_features=True, limit=limit)
         return self.pr_from_stats(a, b, k) if dist.is_main() else None
@@ -230,6 +237,12 @@ class ImageEvaluator:
     def pr_from_stats(self, a: SetStats, b: SetStats, k: int = PR_K) -> dict:
         r = precision_recall(a.features, b.features, k=k)
         return r | {"fingerprint": self.fingerprint(a, b) | {"pr_k": k}}
+
+
+def _check_has_images(spec, need: str) -> None:
+    if is_stats_file(spec) and not is_reference_batch(spec):
+        raise UserError(f"{spec}: a statistics file (mu, sigma) has no per-image features; {need} the images (a "
+                        "folder, an .npz of images (arr_0), an ADM reference batch holding arr_0, or --generator)")
 
 
 def _read_cache(path: Path, need_features: bool, dim: int = FEATURE_DIM):

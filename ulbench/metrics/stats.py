@@ -141,18 +141,30 @@ class Moments:
         return Moments(mu=mu, sigma=sigma, n=int(count))
 
 
-def is_stats_file(spec: object) -> bool:
-    """True for an existing ``.npz`` holding ``mu`` (a statistics file rather than images or clips)."""
+def _npz_members(spec: object) -> list[str]:
+    """The member names of an existing, readable ``.npz`` (else none)."""
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).endswith(".npz") or not os.path.isfile(spec):
-        return False
+        return []
     try:
         archive = np.load(spec, allow_pickle=False)
     except NPZ_READ_ERRORS:  # unreadable: the image or clip reader names the file and the problem
-        return False
+        return []
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        return False
+        return []
     with archive:
-        return "mu" in archive.files
+        return list(archive.files)
+
+
+def is_stats_file(spec: object) -> bool:
+    """True for an existing ``.npz`` holding ``mu`` (a statistics file rather than images or clips)."""
+    return "mu" in _npz_members(spec)
+
+
+def is_reference_batch(spec: object) -> bool:
+    """True for an ADM reference batch (``VIRTUAL_imagenet512.npz``): statistics (``mu``, ``sigma``) plus images
+    (``arr_0``). As in ADM's evaluator, its statistics give the Frechet distance and its images the per-image
+    features (precision/recall, KID)."""
+    return {"mu", "arr_0"} <= set(_npz_members(spec))
 
 
 def _clip_noise(w: np.ndarray) -> np.ndarray:

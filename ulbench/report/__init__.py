@@ -23,7 +23,7 @@ from matplotlib.ticker import NullFormatter
 
 from ul_model.io import atomic_bytes
 from ulbench.errors import UserError
-from ulbench.io import atomic_write, fingerprint_id
+from ulbench.io import atomic_write, fingerprint_id, read_json, read_json_lines
 from ulbench.published import load_published
 
 REQUIRED = ("method", "point", "metric", "metric_base", "value", "train_flops")
@@ -52,26 +52,14 @@ def load_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory (make one with `ulbench run SUITE`)")
     cfg_path, res_path = run_dir / "config.json", run_dir / "results.jsonl"
-    try:
-        config = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{cfg_path}: missing; {run_dir} is not a run directory made by `ulbench run`") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not JSON ({e})") from None
+    config = read_json(cfg_path, f"missing; {run_dir} is not a run directory made by `ulbench run`")
     if not res_path.is_file():
         raise UserError(f"{res_path}: missing; the run has no results yet (resume it: `ulbench run --resume {run_dir}`)")
-    rows = []
-    for i, line in enumerate(res_path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{res_path}:{i}: not a JSON line ({e}); the run directory is damaged") from None
+    rows = read_json_lines(res_path)
+    for i, row in enumerate(rows, 1):
         missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
         if missing:
-            raise UserError(f"{res_path}:{i}: missing field(s) {', '.join(missing)}")
-        rows.append(row)
+            raise UserError(f"{res_path}: row {i}: missing field(s) {', '.join(missing)}")
     if not rows:
         raise UserError(f"{res_path}: no results yet")
     df = pd.DataFrame(rows)

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from ulbench.errors import UserError
-from ulbench.io import fingerprint_id, write_json
+from ulbench.io import fingerprint_id, read_json, write_json
 from ulbench.run.results import ResultsStore
 
 # Allowed movement per metric: max(abs, rel * |baseline|). Sized for CPU float differences between machines on the
@@ -106,12 +106,7 @@ def write_baseline(run_dir: str | Path, out: str | Path, tolerances: dict | None
 
 
 def _load_baseline(path: Path) -> dict:
-    try:
-        baseline = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such baseline file; make one with `ulbench baseline RUN -o {path}`") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not JSON ({e})") from None
+    baseline = read_json(path, f"no such baseline file; make one with `ulbench baseline RUN -o {path}`")
     for key in ("tolerances", "metrics"):
         if key not in baseline:
             raise UserError(f"{path}: missing '{key}'")

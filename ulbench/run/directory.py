@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 from ulbench.errors import UserError
-from ulbench.io import atomic_write, write_json
+from ulbench.io import atomic_write, read_json, write_json
 from ulbench.methods import get_kind
 from ulbench.run.plan import MethodPlan, make_plan
 from ulbench.suite import load_suite
@@ -88,9 +88,10 @@ def _absolute(path: str) -> str:
 
 
 def absolute_paths(resolved: dict) -> dict:
-    """The resolved suite with its relative file paths (dataset, evaluation dataset, reference) made absolute:
-    ``ulbench run`` read them relative to its working directory, and a resumed run or a SLURM job may start in
-    another. (Paths inside ``methods[].overrides``, e.g. a VAE folder, are the kinds' own; they are kept as given.)"""
+    """The resolved suite with its relative file paths (dataset, evaluation dataset, reference, DINOv2 weights, the
+    overrides a method kind names in ``path_overrides``) made absolute: ``ulbench run`` read them relative to its
+    working directory, and a resumed run or a SLURM job may start in another. An override is made absolute only when
+    it names an existing file or folder: ``vae.pretrained`` may also be a release's name."""
     out = json.loads(json.dumps(resolved))
     sections = [out.get("dataset") or {}, (out.get("evaluation") or {}).get("dataset") or {}]
     for section in sections:
@@ -100,6 +101,16 @@ def absolute_paths(resolved: dict) -> dict:
     ev = out.get("evaluation") or {}
     if isinstance(ev.get("reference"), str) and ev["reference"] != "dataset":
         ev["reference"] = _absolute(ev["reference"])
+    if isinstance(ev.get("dinov2_weights"), str) and ev["dinov2_weights"]:
+        ev["dinov2_weights"] = _absolute(ev["dinov2_weights"])
+    for method in out.get("methods") or []:
+        for dotted in getattr(get_kind(method["kind"]), "path_overrides", ()):
+            *parents, key = dotted.split(".")
+            section = method.get("overrides") or {}
+            for name in parents:
+                section = section.get(name) if isinstance(section, dict) else None
+            if isinstance(section, dict) and isinstance(section.get(key), str) and Path(section[key]).exists():
+                section[key] = _absolute(section[key])
     return out
 
 
@@ -196,13 +207,7 @@ def _run_suite(run_dir: Path, config: dict):
 def load_run_plans(run_dir: str | Path):
     """(suite, plans, config) of a run directory, checked against what it was started with."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir}: no config.json; not a run directory made by `ulbench run`")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not JSON ({e}); the run directory is damaged") from None
+    config = read_json(run_dir / "config.json", "missing; not a run directory made by `ulbench run`")
     suite = _run_suite(run_dir, config)
     plans = make_plan(suite)
     for p in plans:

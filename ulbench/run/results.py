@@ -5,8 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from ulbench.errors import UserError
-from ulbench.io import atomic_write
+from ulbench.io import atomic_write, read_json_lines
 
 
 class ResultsStore:
@@ -18,14 +17,7 @@ class ResultsStore:
         self.rows = self._read()
 
     def _read(self) -> list[dict]:
-        rows = []
-        if self.path.is_file():
-            for i, line in enumerate(self.path.read_text().splitlines(), 1):
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{self.path}:{i}: not a JSON line ({e}); the run directory is damaged") from None
-        return rows
+        return read_json_lines(self.path) if self.path.is_file() else []
 
     def done(self, method: str, point: str) -> bool:
         return any(r["method"] == method and r["point"] == point for r in self.rows)

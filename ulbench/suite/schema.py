@@ -560,10 +560,11 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
                 "reference: dataset (a statistics file or folder has no labels)")
     needs_images = [m for m in metrics if m in ("kid", "precision", "recall")]
     if needs_images and isinstance(d["reference"], str) and d["reference"] != "dataset" \
-            and _is_stats_file(d["reference"]):
+            and _is_stats_only(d["reference"]):
         ck.fail((*p, "metrics", list(metrics).index(needs_images[0])), f"{' and '.join(needs_images)} need the "
                 f"reference images' features, and {d['reference']} holds statistics (mu, sigma) only: give an image "
-                "folder or .npz of images as evaluation.reference, reference: dataset, or leave them out")
+                "folder, .npz of images or ADM reference batch (mu, sigma and arr_0) as evaluation.reference, "
+                "reference: dataset, or leave them out")
     sampler = read_sampler(ck, {**SAMPLER_DEFAULTS, **ck.mapping(d["sampler"], (*p, "sampler"),
                                                                  tuple(SAMPLER_DEFAULTS))}, (*p, "sampler"))
     counts = {key: _read_count(ck, d[key], (*p, key), metrics, needs, dataset)
@@ -607,10 +608,11 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
         dataset=read_eval_dataset(ck, d["dataset"], dataset), dinov2_weights=dinov2_weights)
 
 
-def _is_stats_file(path: str) -> bool:
-    from ulbench.metrics.stats import is_stats_file  # here: numpy and torch only when a suite names a file
+def _is_stats_only(path: str) -> bool:
+    """A statistics file without images (an ADM reference batch holds both)."""
+    from ulbench.metrics.stats import is_reference_batch, is_stats_file  # numpy and torch only when a suite names one
 
-    return is_stats_file(Path(path).expanduser())
+    return is_stats_file(Path(path).expanduser()) and not is_reference_batch(Path(path).expanduser())
 
 
 def _read_count(ck: Checker, raw: Any, p: Key, metrics: Sequence[str], needs: str, dataset: DatasetSpec) -> int:
