@@ -108,7 +108,7 @@ methods:
       stage1: {batch_size: 16, micro_batch: 8, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 10}
       stage2: {batch_size: 32, micro_batch: 16, lr: 1.0e-3, warmup_steps: 5, ema_decay: 0.9, checkpoint_every: 10}
 compute:
-  ladder: [1.0e11, 2.0e11, 3.0e11]
+  ladder: [1.0e11, 2.0e11]
   stage1: {train_flops: 1.0e12}
 evaluation:
   metrics: [fid, kid, psnr, bits_per_pixel]

@@ -126,6 +126,26 @@ def test_bootstrap_small_n_form_equals_the_full_product():
     assert (lo, hi) == pytest.approx(tuple(want), rel=1e-9)
 
 
+def test_frechet_distance_from_rows_equals_the_moments_form():
+    """Given the N <= D rows of A, the cross term comes from the N x N Gram form: the same distance as the D x D
+    eigendecompositions (to 1e-10), on FeatureStats' own float64 moments; more rows than D, or rows that are not
+    A's (a count that differs), take the moments form."""
+    rng = np.random.default_rng(11)
+    d = 64
+    ref_x = rng.standard_normal((300, d)) * np.linspace(0.2, 2, d)
+    ref = Moments(ref_x.mean(0), np.cov(ref_x, rowvar=False), 300)
+    for n in (5, 40, d):
+        fs = FeatureStats(d, keep_features=True)
+        fs.update(torch.from_numpy(rng.standard_normal((n, d)) * 1.5 + 0.3).float())
+        a = fs.moments()
+        want = frechet_distance(a, ref)
+        assert want > 1 and frechet_distance(a, ref, fs.features) == pytest.approx(want, rel=1e-10)
+    assert frechet_distance(a, ref, fs.features[:-1]) == want  # not A's rows: the moments form, bit for bit
+    big = rng.standard_normal((2 * d, d))
+    m = Moments(big.mean(0), np.cov(big, rowvar=False), 2 * d)
+    assert frechet_distance(m, ref, big) == frechet_distance(m, ref)
+
+
 def test_nearest_centroid_accuracy_closed_form():
     """Two well separated classes: samples drawn at their own class mean score 1, at the other class's mean 0, half
     and half 0.5; a class the reference lacks counts as a miss."""
