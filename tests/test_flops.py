@@ -69,7 +69,7 @@ def test_every_attention_backward_torch_counts_is_charged_2x_forward():
     from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
     torch_backward_ops = {op for op in flop_registry if "backward" in str(op)} - {torch.ops.aten.convolution_backward}
-    assert torch_backward_ops == set(flops.ATTENTION_BACKWARD_OPS)
+    assert torch_backward_ops == set(flops.attention_backward_ops())
     # One shape for every layout ((B, H, L, D) for SDPA, (B, L, H, D) for flash and efficient): H = L.
     t, forward_flops = _meta(2, 4, 4, 8), sdpa_flop_count((2, 4, 4, 8), (2, 4, 4, 8), (2, 4, 4, 8))
     lse = _meta(2, 4, 4)
@@ -80,7 +80,7 @@ def test_every_attention_backward_torch_counts_is_charged_2x_forward():
         flex_attention_backward: (t, t, t, t, lse, t),
     }
     mapping = flops.counter().flop_registry
-    for op in flops.ATTENTION_BACKWARD_OPS:
+    for op in flops.attention_backward_ops():
         op_args = args.get(op, (t, t, t, t))
         assert flop_registry[op](*op_args, out_val=None) == 5 * forward_flops // 2, op  # torch: S recomputed
         assert mapping[op](*op_args, out_val=None) == 2 * forward_flops, op

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from unittest import mock
 
+import functools
+
 import torch
-import torch.nn.attention.varlen  # noqa: F401  (registers torch's formula for its variable-length attention op)
 from torch import nn
-from torch._higher_order_ops.flex_attention import flex_attention_backward
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -32,13 +32,20 @@ from ulbench.methods.base import StepInputs
 _aten = torch.ops.aten
 CPU_SDPA_FORWARD = _aten._scaled_dot_product_flash_attention_for_cpu
 CPU_SDPA_BACKWARD = _aten._scaled_dot_product_flash_attention_for_cpu_backward
-# Every attention backward torch has a formula for (all count per sequence with sdpa_backward_flop_count), and the
-# CPU one registered below.
-ATTENTION_BACKWARD_OPS = (CPU_SDPA_BACKWARD, _aten._scaled_dot_product_flash_attention_backward,
-                          _aten._scaled_dot_product_efficient_attention_backward,
-                          _aten._scaled_dot_product_cudnn_attention_backward, _aten._flash_attention_backward,
-                          _aten._efficient_attention_backward, flex_attention_backward,
-                          torch.ops.torch_attn._varlen_attn_backward)
+
+
+@functools.cache
+def attention_backward_ops() -> tuple:
+    """Every attention backward torch has a formula for (all count per sequence with sdpa_backward_flop_count), and
+    the CPU one registered below. Imported on first use: the variable-length and flex attention modules load
+    torch._dynamo (~2 s), which every `ulbench` command would otherwise pay at start-up."""
+    import torch.nn.attention.varlen  # noqa: F401  (registers torch's formula for its variable-length attention op)
+    from torch._higher_order_ops.flex_attention import flex_attention_backward
+
+    return (CPU_SDPA_BACKWARD, _aten._scaled_dot_product_flash_attention_backward,
+            _aten._scaled_dot_product_efficient_attention_backward,
+            _aten._scaled_dot_product_cudnn_attention_backward, _aten._flash_attention_backward,
+            _aten._efficient_attention_backward, flex_attention_backward, torch.ops.torch_attn._varlen_attn_backward)
 
 
 def _cpu_sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -83,7 +90,7 @@ def _without_recomputation(torch_formula: Callable[..., int]) -> Callable[..., i
 
 def counter() -> FlopCounterMode:
     """A FlopCounterMode that counts attention by this module's one convention (module docstring)."""
-    mapping = {op: _without_recomputation(flop_counter.flop_registry[op]) for op in ATTENTION_BACKWARD_OPS}
+    mapping = {op: _without_recomputation(flop_counter.flop_registry[op]) for op in attention_backward_ops()}
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
