@@ -1,10 +1,13 @@
-"""CPU cost of two metric stages CI pays for on every run (numbers in benchmarks/RESULTS.md):
+"""CPU cost of metric stages and start-up CI pays for on every run (numbers in benchmarks/RESULTS.md):
 
 1. the FID bootstrap (the smoke suite asks for 20 resamples of 200 samples in Inception's 2048-d space): each
    resample through the D x D product (``trace_sqrt_product``) vs the N x N Gram form ``bootstrap_frechet`` takes
    when N <= D; the two give the same interval (tests/test_stats.py);
 2. the FVD feature network: I3D with its batch norms as separate layers vs folded into the convolutions at load
-   (``load_i3d``), on real clips' shape (16 frames at 224 x 224).
+   (``load_i3d``), on real clips' shape (16 frames at 224 x 224);
+3. one FID of N <= D samples: the two D x D eigendecompositions vs the N x N Gram form ``frechet_distance`` takes
+   from the samples' features;
+4. start-up of the ``ulbench`` command (``ulbench --help`` in a fresh process; every test that calls the CLI pays it).
 
     python benchmarks/metric_speed.py --json benchmarks/metric_speed.json
 """
@@ -47,6 +50,32 @@ def bootstrap_cost(n: int, d: int, reps: int, repeats: int) -> dict:
             "gram_s": _best_of(lambda: bootstrap_frechet(feats, ref, reps), repeats)}
 
 
+def fid_cost(n: int, d: int, repeats: int) -> dict:
+    from ulbench.metrics.stats import FeatureStats, Moments, frechet_distance
+
+    rng = np.random.default_rng(1)
+    ref_x = rng.standard_normal((4 * d, d))
+    ref = Moments(ref_x.mean(0), np.cov(ref_x, rowvar=False), 4 * d)
+    fs = FeatureStats(d, keep_features=True)
+    fs.update(torch.from_numpy(rng.standard_normal((n, d)) + 0.1).float())
+    a = fs.moments()
+    return {"n": n, "d": d, "dxd_s": _best_of(lambda: frechet_distance(a, ref), repeats),
+            "gram_s": _best_of(lambda: frechet_distance(a, ref, fs.features), repeats),
+            "abs_diff": abs(frechet_distance(a, ref) - frechet_distance(a, ref, fs.features))}
+
+
+def cli_startup(repeats: int) -> dict:
+    import subprocess
+    import sys
+
+    def start():
+        subprocess.run([sys.executable, "-m", "ulbench.cli", "--help"], check=True, capture_output=True)
+
+    return {"help_s": _best_of(start, repeats),
+            "import_torch_s": _best_of(lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True),
+                                       repeats)}
+
+
 def i3d_cost(clips: int, frames: int, repeats: int) -> dict:
     from safetensors.torch import load_file
 
@@ -75,7 +104,8 @@ def main() -> None:
     args = ap.parse_args()
     r = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
          "torch": torch.__version__, "bootstrap": bootstrap_cost(200, 2048, 20, args.repeats),
-         "i3d": i3d_cost(4, 16, args.repeats)}
+         "i3d": i3d_cost(4, 16, args.repeats), "fid": fid_cost(200, 2048, args.repeats),
+         "cli_startup": cli_startup(args.repeats)}
     print(json.dumps(r, indent=2))
     if args.json:
         from ulbench.io import write_json

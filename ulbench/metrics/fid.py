@@ -256,9 +256,7 @@ def _read_cache(path: Path, need_features: bool, dim: int = FEATURE_DIM):
     deleted with a warning and recomputed: the cache is ours to rebuild, so it is never the user's error."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            if need_features and "features" not in z.files:
-                return None
-            feats = torch.from_numpy(z["features"]) if "features" in z.files else None
+            feats = torch.from_numpy(z["features"]) if need_features and "features" in z.files else None
             moments = Moments(z["mu"], z["sigma"], int(z["n"]))
         ok = (moments.mu.shape == (dim,) and moments.sigma.shape == (dim, dim)
               and np.isfinite(moments.mu).all() and np.isfinite(moments.sigma).all()
@@ -267,7 +265,7 @@ def _read_cache(path: Path, need_features: bool, dim: int = FEATURE_DIM):
     except (*NPZ_READ_ERRORS, KeyError, TypeError, AttributeError) as e:  # AttributeError: a bare .npy
         problem = f"{type(e).__name__}: {e}"
     if problem is None:
-        return moments, feats
+        return None if need_features and feats is None else (moments, feats)  # None: computed again, with them
     if dist.is_main():
         warnings.warn(f"statistics cache entry {path} is damaged ({problem}); deleted, recomputing it", stacklevel=3)
         path.unlink(missing_ok=True)
