@@ -26,7 +26,7 @@ from ulbench.metrics.images import ImageSource, check_limit, prepare_batch, reso
 from ulbench.metrics.inception import EXTRACTOR_NAME, FEATURE_DIM, InceptionFeatures
 from ulbench.metrics.precision_recall import PR_K, check_k, precision_recall
 from ulbench.metrics.stats import (NPZ_READ_ERRORS, FeatureStats, Moments, bootstrap_frechet, frechet_distance,
-                                   is_reference_batch, is_stats_file)
+                                   is_stats_file, is_stats_only)
 
 EXTRACTOR_ID = f"torch-fidelity/{EXTRACTOR_NAME}/pool3-{FEATURE_DIM}"
 KID_SUBSETS = 100  # torch-fidelity defaults
@@ -245,7 +245,7 @@ class ImageEvaluator:
 
 
 def _check_has_images(spec, need: str) -> None:
-    if is_stats_file(spec) and not is_reference_batch(spec):
+    if is_stats_only(spec):
         raise UserError(f"{spec}: a statistics file (mu, sigma) has no per-image features; {need} the images (a "
                         "folder, an .npz of images (arr_0), an ADM reference batch holding arr_0, or --generator)")
 

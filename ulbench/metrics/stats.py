@@ -160,11 +160,12 @@ def is_stats_file(spec: object) -> bool:
     return "mu" in _npz_members(spec)
 
 
-def is_reference_batch(spec: object) -> bool:
-    """True for an ADM reference batch (``VIRTUAL_imagenet512.npz``): statistics (``mu``, ``sigma``) plus images
-    (``arr_0``). As in ADM's evaluator, its statistics give the Frechet distance and its images the per-image
-    features (precision/recall, KID)."""
-    return {"mu", "arr_0"} <= set(_npz_members(spec))
+def is_stats_only(spec: object) -> bool:
+    """True for a statistics file without images. An ADM reference batch (``VIRTUAL_imagenet512.npz``) holds both
+    statistics (``mu``, ``sigma``) and images (``arr_0``): as in ADM's evaluator, its statistics give the Frechet
+    distance and its images the per-image features (precision/recall, KID)."""
+    members = _npz_members(spec)
+    return "mu" in members and "arr_0" not in members
 
 
 def _clip_noise(w: np.ndarray) -> np.ndarray:

@@ -610,9 +610,9 @@ def read_evaluation(ck: Checker, raw: Any, dataset: DatasetSpec) -> EvalSpec:
 
 def _is_stats_only(path: str) -> bool:
     """A statistics file without images (an ADM reference batch holds both)."""
-    from ulbench.metrics.stats import is_reference_batch, is_stats_file  # numpy and torch only when a suite names one
+    from ulbench.metrics.stats import is_stats_only  # here: numpy and torch only when a suite names a file
 
-    return is_stats_file(Path(path).expanduser()) and not is_reference_batch(Path(path).expanduser())
+    return is_stats_only(Path(path).expanduser())
 
 
 def _read_count(ck: Checker, raw: Any, p: Key, metrics: Sequence[str], needs: str, dataset: DatasetSpec) -> int:
