@@ -25,7 +25,7 @@ def read_json(path: str | os.PathLike, missing: str) -> object:
 
     try:
         return json.loads(Path(path).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"{path}: {missing}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not JSON ({e}); the file is damaged") from None
